@@ -1,0 +1,130 @@
+"""Configuration of a Default MoE decoder (Panda, Baherwani et al., arXiv 2504.12463).
+
+This file is copied next to every checkpoint and may import only transformers.
+"""
+
+from transformers.configuration_utils import PreTrainedConfig
+
+ROUTINGS = ("default", "topk")
+EMA_WEIGHTINGS = ("mean", "router_prob")
+EMA_UPDATES = ("before_use", "after_use")
+
+
+class DefaultMoeConfig(PreTrainedConfig):
+    r"""
+    A Llama-style decoder whose MLPs are sparse top-K Mixture-of-Experts layers with *default vectors*: each expert
+    keeps an exponential moving average (EMA) of its outputs, and the experts a token did not pick contribute that
+    EMA weighted by their router probability, so the router gets a dense gradient while the experts stay sparse.
+
+    Decoder fields follow Mixtral/OLMoE. `qk_norm` is OLMoE's RMSNorm over the *whole* q and k projections (before the
+    per-head reshape); `clip_qkv` clamps q, k and v; `router_jitter_noise` is Mixtral's multiplicative input jitter in
+    training. The first `num_dense_layers` layers use a dense SwiGLU MLP of width `dense_intermediate_size`
+    (default: `intermediate_size`), as the paper does for the first layer.
+
+    MoE fields: `num_experts`, `num_experts_per_tok` (K), `norm_topk_prob` (divide the K selected probabilities by
+    their sum; Mixtral always does, OLMoE and the paper do not), `router_aux_loss_coef` (Switch load-balancing loss,
+    per layer, averaged over layers; 1.0 when perfectly balanced), `router_z_loss_coef`, `output_router_logits`.
+
+    Default MoE fields:
+        routing (`str`): `"default"` adds the EMA defaults of unselected experts; `"topk"` is the standard layer.
+        default_ema_beta (`float`): EMA decay beta in [0, 1): `D <- beta * D + (1 - beta) * batch_mean`.
+        default_ema_weighting (`str`): `"mean"` (paper Eq. 10, plain mean over routed tokens) or `"router_prob"`
+            (each routed token weighted by its router probability, the paper's final variant).
+        default_ema_update (`str`): `"before_use"` (the paper: update with this batch, then use) or `"after_use"`
+            (strictly causal: use the previous defaults, then update).
+        default_in_inference (`bool`): whether eval-mode forwards add the defaults.
+        all_reduce_router_stats (`bool`): all-reduce the per-expert EMA statistics and load-balancing token counts
+            across data-parallel ranks when `torch.distributed` is initialised (training mode only).
+    """
+
+    model_type = "default_moe"
+    keys_to_ignore_at_inference = ["past_key_values"]
+    attribute_map = {"num_local_experts": "num_experts"}
+    default_theta = 10000.0
+
+    vocab_size: int = 32000
+    hidden_size: int = 1024
+    intermediate_size: int = 1024
+    num_hidden_layers: int = 8
+    num_attention_heads: int = 16
+    num_key_value_heads: int | None = None
+    head_dim: int | None = None
+    hidden_act: str = "silu"
+    max_position_embeddings: int = 4096
+    initializer_range: float = 0.02
+    rms_norm_eps: float = 1e-5
+    use_cache: bool = True
+    pad_token_id: int | None = None
+    bos_token_id: int | None = None
+    eos_token_id: int | list[int] | None = None
+    tie_word_embeddings: bool = False
+    rope_parameters: dict | None = None
+    attention_bias: bool = False
+    attention_dropout: float | int = 0.0
+    sliding_window: int | None = None
+    qk_norm: bool = False
+    clip_qkv: float | None = None
+    router_jitter_noise: float = 0.0
+    num_dense_layers: int = 0
+    dense_intermediate_size: int | None = None
+
+    num_experts: int = 8
+    num_experts_per_tok: int = 2
+    norm_topk_prob: bool = False
+    router_aux_loss_coef: float = 0.01
+    router_z_loss_coef: float = 0.0
+    output_router_logits: bool = False
+
+    routing: str = "default"
+    default_ema_beta: float = 0.9
+    default_ema_weighting: str = "mean"
+    default_ema_update: str = "before_use"
+    default_in_inference: bool = True
+    all_reduce_router_stats: bool = True
+
+    def __post_init__(self, **kwargs):
+        if self.num_key_value_heads is None:
+            self.num_key_value_heads = self.num_attention_heads
+        if self.head_dim is None and self.num_attention_heads and self.hidden_size % self.num_attention_heads == 0:
+            self.head_dim = self.hidden_size // self.num_attention_heads
+        if self.dense_intermediate_size is None:
+            self.dense_intermediate_size = self.intermediate_size
+        self._check_fields()
+        super().__post_init__(**kwargs)
+
+    def _check_fields(self):
+        def fail(field, accepted):
+            raise ValueError(f"DefaultMoeConfig.{field}={getattr(self, field)!r} is invalid: expected {accepted}")
+
+        for field in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                      "num_key_value_heads", "num_experts", "num_experts_per_tok", "max_position_embeddings",
+                      "dense_intermediate_size"):
+            value = getattr(self, field)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                fail(field, "a positive integer")
+        if self.head_dim is None:
+            fail("num_attention_heads", f"a divisor of hidden_size={self.hidden_size} (or set head_dim)")
+        if self.num_attention_heads % self.num_key_value_heads:
+            fail("num_key_value_heads", f"a divisor of num_attention_heads={self.num_attention_heads}")
+        if self.num_experts_per_tok > self.num_experts:
+            fail("num_experts_per_tok", f"at most num_experts={self.num_experts}")
+        if not 0 <= self.num_dense_layers <= self.num_hidden_layers:
+            fail("num_dense_layers", f"an integer in [0, num_hidden_layers={self.num_hidden_layers}]")
+        if self.routing not in ROUTINGS:
+            fail("routing", f"one of {ROUTINGS}")
+        if self.default_ema_weighting not in EMA_WEIGHTINGS:
+            fail("default_ema_weighting", f"one of {EMA_WEIGHTINGS}")
+        if self.default_ema_update not in EMA_UPDATES:
+            fail("default_ema_update", f"one of {EMA_UPDATES}")
+        if not 0.0 <= self.default_ema_beta < 1.0:
+            fail("default_ema_beta", "a number in [0, 1)")
+        for field in ("router_aux_loss_coef", "router_z_loss_coef", "router_jitter_noise", "attention_dropout"):
+            if getattr(self, field) < 0:
+                fail(field, "a non-negative number")
+        if self.clip_qkv is not None and self.clip_qkv <= 0:
+            fail("clip_qkv", "None or a positive number")
+        if self.sliding_window is not None and self.sliding_window < 1:
+            fail("sliding_window", "None or a positive integer")
+
+
+__all__ = ["DefaultMoeConfig"]
