@@ -96,9 +96,18 @@ class DefaultMoeConfig(PreTrainedConfig):
         def fail(field, accepted):
             raise ValueError(f"DefaultMoeConfig.{field}={getattr(self, field)!r} is invalid: expected {accepted}")
 
-        for field in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-                      "num_key_value_heads", "num_experts", "num_experts_per_tok", "max_position_embeddings",
-                      "dense_intermediate_size"):
+        for field in (
+            "vocab_size",
+            "hidden_size",
+            "intermediate_size",
+            "num_hidden_layers",
+            "num_attention_heads",
+            "num_key_value_heads",
+            "num_experts",
+            "num_experts_per_tok",
+            "max_position_embeddings",
+            "dense_intermediate_size",
+        ):
             value = getattr(self, field)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 fail(field, "a positive integer")

@@ -1,0 +1,651 @@
+"""Default MoE: a sparse top-K Mixture-of-Experts decoder whose router gets a dense gradient.
+
+Panda, Baherwani et al., "Dense Backpropagation Improves Training for Sparse Mixture-of-Experts"
+(arXiv 2504.12463, NeurIPS 2025). Every expert i keeps a default vector D_i, an exponential moving average of its
+outputs. A token's MoE output is
+
+    y = sum_{i in topK} w_i E_i(x) + sum_{i not in topK} p_i D_i
+
+so the forward pass stays sparse while dL/dp_i = <dL/dy, D_i> reaches the router for every expert.
+
+This file is copied next to every checkpoint: it imports only torch, transformers and its sibling config.
+
+Shape legend: B batch, S sequence, T = B*S tokens, H hidden, E experts, K experts per token, I expert width,
+N = T*K (token, expert) pairs. Suffixes name the shapes, e.g. `probs_TE`.
+"""
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import initialization as init
+from transformers.activations import ACT2FN
+from transformers.cache_utils import Cache, DynamicCache
+from transformers.generation import GenerationMixin
+from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
+from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.modeling_outputs import MoeCausalLMOutputWithPast, MoeModelOutputWithPast
+from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS, dynamic_rope_update
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, PreTrainedModel
+from transformers.utils import logging
+from transformers.utils.generic import merge_with_config_defaults
+from transformers.utils.output_capturing import OutputRecorder, capture_outputs
+
+from .configuration_default_moe import DefaultMoeConfig
+
+logger = logging.get_logger(__name__)
+
+
+class DefaultMoeRMSNorm(nn.Module):
+    def __init__(self, hidden_size: int, eps: float = 1e-5):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(hidden_size))
+        self.variance_epsilon = eps
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        input_dtype = hidden_states.dtype
+        hidden_states = hidden_states.to(torch.float32)
+        variance = hidden_states.pow(2).mean(-1, keepdim=True)
+        hidden_states = hidden_states * torch.rsqrt(variance + self.variance_epsilon)
+        return self.weight * hidden_states.to(input_dtype)
+
+    def extra_repr(self) -> str:
+        return f"{tuple(self.weight.shape)}, eps={self.variance_epsilon}"
+
+
+class DefaultMoeRotaryEmbedding(nn.Module):
+    def __init__(self, config: DefaultMoeConfig):
+        super().__init__()
+        self.config = config
+        self.max_seq_len_cached = config.max_position_embeddings
+        self.original_max_seq_len = config.max_position_embeddings
+        self.rope_type = config.rope_parameters["rope_type"]
+        rope_init_fn: Callable = self.compute_default_rope_parameters
+        if self.rope_type != "default":
+            rope_init_fn = ROPE_INIT_FUNCTIONS[self.rope_type]
+        inv_freq, self.attention_scaling = rope_init_fn(config)
+        self.inv_freq = nn.Buffer(inv_freq, persistent=False)
+        self.original_inv_freq = nn.Buffer(inv_freq.clone(), persistent=False)
+
+    @staticmethod
+    def compute_default_rope_parameters(config: DefaultMoeConfig, **kwargs) -> tuple[torch.Tensor, float]:
+        base = config.rope_parameters["rope_theta"]
+        dim = config.head_dim
+        inv_freq = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float) / dim))
+        return inv_freq, 1.0
+
+    @torch.no_grad()
+    @dynamic_rope_update
+    def forward(self, x: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        freqs = position_ids[..., None].float() * self.inv_freq.to(device=x.device, dtype=torch.float)
+        emb = torch.cat((freqs, freqs), dim=-1)
+        cos = emb.cos() * self.attention_scaling
+        sin = emb.sin() * self.attention_scaling
+        return cos.to(dtype=x.dtype), sin.to(dtype=x.dtype)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim: int = 1):
+    cos = cos.unsqueeze(unsqueeze_dim)
+    sin = sin.unsqueeze(unsqueeze_dim)
+    return (q * cos) + (rotate_half(q) * sin), (k * cos) + (rotate_half(k) * sin)
+
+
+def repeat_kv(hidden_states: torch.Tensor, n_rep: int) -> torch.Tensor:
+    """(B, kv_heads, S, D) -> (B, kv_heads * n_rep, S, D)"""
+    batch, num_key_value_heads, slen, head_dim = hidden_states.shape
+    if n_rep == 1:
+        return hidden_states
+    hidden_states = hidden_states[:, :, None, :, :].expand(batch, num_key_value_heads, n_rep, slen, head_dim)
+    return hidden_states.reshape(batch, num_key_value_heads * n_rep, slen, head_dim)
+
+
+def eager_attention_forward(module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
+    key_states = repeat_kv(key, module.num_key_value_groups)
+    value_states = repeat_kv(value, module.num_key_value_groups)
+    attn_weights = torch.matmul(query, key_states.transpose(2, 3)) * scaling
+    if attention_mask is not None:
+        attn_weights = attn_weights + attention_mask
+    attn_weights = nn.functional.softmax(attn_weights, dim=-1, dtype=torch.float32).to(query.dtype)
+    attn_weights = nn.functional.dropout(attn_weights, p=dropout, training=module.training)
+    attn_output = torch.matmul(attn_weights, value_states).transpose(1, 2).contiguous()
+    return attn_output, attn_weights
+
+
+class DefaultMoeAttention(nn.Module):
+    """Grouped-query attention with RoPE; optional OLMoE-style q/k RMSNorm over the whole projection and clip_qkv."""
+
+    def __init__(self, config: DefaultMoeConfig, layer_idx: int):
+        super().__init__()
+        self.config = config
+        self.layer_idx = layer_idx
+        self.head_dim = config.head_dim
+        self.num_key_value_groups = config.num_attention_heads // config.num_key_value_heads
+        self.scaling = self.head_dim**-0.5
+        self.attention_dropout = config.attention_dropout
+        self.is_causal = True
+        q_width = config.num_attention_heads * self.head_dim
+        kv_width = config.num_key_value_heads * self.head_dim
+        self.q_proj = nn.Linear(config.hidden_size, q_width, bias=config.attention_bias)
+        self.k_proj = nn.Linear(config.hidden_size, kv_width, bias=config.attention_bias)
+        self.v_proj = nn.Linear(config.hidden_size, kv_width, bias=config.attention_bias)
+        self.o_proj = nn.Linear(q_width, config.hidden_size, bias=config.attention_bias)
+        if config.qk_norm:
+            self.q_norm = DefaultMoeRMSNorm(q_width, eps=config.rms_norm_eps)
+            self.k_norm = DefaultMoeRMSNorm(kv_width, eps=config.rms_norm_eps)
+
+    def forward(self, hidden_states, position_embeddings, attention_mask, past_key_values=None, **kwargs):
+        input_shape = hidden_states.shape[:-1]
+        hidden_shape = (*input_shape, -1, self.head_dim)
+
+        query_states = self.q_proj(hidden_states)
+        key_states = self.k_proj(hidden_states)
+        value_states = self.v_proj(hidden_states)
+        if self.config.qk_norm:
+            query_states = self.q_norm(query_states)
+            key_states = self.k_norm(key_states)
+        if self.config.clip_qkv is not None:
+            clip = self.config.clip_qkv
+            query_states = query_states.clamp(-clip, clip)
+            key_states = key_states.clamp(-clip, clip)
+            value_states = value_states.clamp(-clip, clip)
+
+        query_states = query_states.view(hidden_shape).transpose(1, 2)
+        key_states = key_states.view(hidden_shape).transpose(1, 2)
+        value_states = value_states.view(hidden_shape).transpose(1, 2)
+        cos, sin = position_embeddings
+        query_states, key_states = apply_rotary_pos_emb(query_states, key_states, cos, sin)
+
+        if past_key_values is not None:
+            key_states, value_states = past_key_values.update(key_states, value_states, self.layer_idx)
+
+        attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
+            self.config._attn_implementation, eager_attention_forward
+        )
+        attn_output, attn_weights = attention_interface(
+            self,
+            query_states,
+            key_states,
+            value_states,
+            attention_mask,
+            dropout=0.0 if not self.training else self.attention_dropout,
+            scaling=self.scaling,
+            sliding_window=self.config.sliding_window,
+            **kwargs,
+        )
+        attn_output = self.o_proj(attn_output.reshape(*input_shape, -1).contiguous())
+        return attn_output, attn_weights
+
+
+class DefaultMoeMLP(nn.Module):
+    """Dense SwiGLU MLP, used by the first `config.num_dense_layers` layers."""
+
+    def __init__(self, config: DefaultMoeConfig):
+        super().__init__()
+        width = config.dense_intermediate_size
+        self.gate_proj = nn.Linear(config.hidden_size, width, bias=False)
+        self.up_proj = nn.Linear(config.hidden_size, width, bias=False)
+        self.down_proj = nn.Linear(width, config.hidden_size, bias=False)
+        self.act_fn = ACT2FN[config.hidden_act]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DefaultMoeTopKRouter(nn.Module):
+    """Linear router: logits (in the input dtype), float32 softmax over *all* experts, top-K (DESIGN §2 steps 1-2)."""
+
+    def __init__(self, config: DefaultMoeConfig):
+        super().__init__()
+        self.top_k = config.num_experts_per_tok
+        self.norm_topk_prob = config.norm_topk_prob
+        self.weight = nn.Parameter(torch.empty(config.num_experts, config.hidden_size))
+
+    def forward(self, hidden_states_TH: torch.Tensor):
+        """Returns (router_logits_TE, probs_TE float32, top_k_weights_TK float32, top_k_index_TK)."""
+        router_logits_TE = F.linear(hidden_states_TH, self.weight)
+        probs_TE = F.softmax(router_logits_TE.float(), dim=-1)
+        top_k_probs_TK, top_k_index_TK = torch.topk(probs_TE, self.top_k, dim=-1)
+        top_k_weights_TK = top_k_probs_TK
+        if self.norm_topk_prob:
+            top_k_weights_TK = top_k_probs_TK / top_k_probs_TK.sum(dim=-1, keepdim=True)
+        return router_logits_TE, probs_TE, top_k_weights_TK, top_k_index_TK
+
+
+class DefaultMoeExperts(nn.Module):
+    """E SwiGLU experts as fused 3-D weights, computed sparsely with one grouped GEMM per projection.
+
+    Returns the *unweighted* output of every selected (token, expert) pair: the block needs them both for the
+    weighted combination and for the per-expert EMA statistics.
+    """
+
+    def __init__(self, config: DefaultMoeConfig):
+        super().__init__()
+        self.num_experts = config.num_experts
+        self.gate_up_proj = nn.Parameter(
+            torch.empty(config.num_experts, 2 * config.intermediate_size, config.hidden_size)
+        )
+        self.down_proj = nn.Parameter(torch.empty(config.num_experts, config.hidden_size, config.intermediate_size))
+        self.act_fn = ACT2FN[config.hidden_act]
+
+    def forward(self, hidden_states_TH: torch.Tensor, top_k_index_TK: torch.Tensor) -> torch.Tensor:
+        """(T, H), (T, K) -> (T, K, H) unweighted expert outputs, in the weights' dtype."""
+        num_tokens, top_k = top_k_index_TK.shape
+        # Sort the N = T*K pairs by expert so each expert's tokens are contiguous for the grouped GEMM.
+        expert_ids_N, order_N = torch.sort(top_k_index_TK.reshape(-1), stable=True)
+        tokens_per_expert_E = torch.bincount(expert_ids_N, minlength=self.num_experts)
+        offsets_E = torch.cumsum(tokens_per_expert_E, dim=0, dtype=torch.int32)
+
+        x_NH = hidden_states_TH[order_N // top_k].to(self.gate_up_proj.dtype)
+        gate_up_N2I = F.grouped_mm(x_NH, self.gate_up_proj.transpose(-2, -1), offs=offsets_E)
+        gate_NI, up_NI = gate_up_N2I.chunk(2, dim=-1)
+        out_NH = F.grouped_mm(self.act_fn(gate_NI) * up_NI, self.down_proj.transpose(-2, -1), offs=offsets_E)
+
+        # Undo the sort: pair n of the flat (T*K) order sits at position inverse[n] of the sorted order.
+        inverse_N = torch.empty_like(order_N)
+        inverse_N[order_N] = torch.arange(order_N.numel(), device=order_N.device)
+        return out_NH[inverse_N].view(num_tokens, top_k, -1)
+
+
+class DefaultMoeDefaults(nn.Module):
+    """Buffer-only module holding the EMA default vectors D (E, H), always float32.
+
+    It is its own submodule so PEFT can keep it trainable-state via `modules_to_save=["default_outputs"]`.
+    `_apply` keeps `ema` in float32 through `model.to(torch.bfloat16)` / `.half()` (device moves still apply).
+    """
+
+    def __init__(self, num_experts: int, hidden_size: int):
+        super().__init__()
+        self.ema = nn.Buffer(torch.zeros(num_experts, hidden_size, dtype=torch.float32), persistent=True)
+
+    def _apply(self, fn, recurse=True):
+        ema_fp32 = self.ema
+        super()._apply(fn, recurse)
+        if self.ema.dtype != torch.float32:
+            self.ema = ema_fp32.to(device=self.ema.device)
+        return self
+
+
+def _in_backward_recompute() -> bool:
+    """True while autograd runs a backward pass, i.e. when activation checkpointing recomputes a forward."""
+    return torch._C._current_graph_task_id() != -1
+
+
+class DefaultMoeSparseMoeBlock(nn.Module):
+    """Top-K MoE with EMA default vectors for the unselected experts (DESIGN §2)."""
+
+    _warned_non_finite = False
+
+    def __init__(self, config: DefaultMoeConfig):
+        super().__init__()
+        self.config = config
+        self.num_experts = config.num_experts
+        self.top_k = config.num_experts_per_tok
+        self.gate = DefaultMoeTopKRouter(config)
+        self.experts = DefaultMoeExperts(config)
+        self.default_outputs = DefaultMoeDefaults(config.num_experts, config.hidden_size)
+        # What the last first-pass training forward used (defaults and global token counts), so that an
+        # activation-checkpointing recompute sees exactly the same values (DESIGN §3).
+        self._recompute_state: tuple[torch.Tensor | None, torch.Tensor] | None = None
+
+    def forward(self, hidden_states: torch.Tensor, token_mask: torch.Tensor | None = None, return_router_losses=False):
+        """(B, S, H) -> (B, S, H). `token_mask` (B*S,) bool excludes padding from the EMA and the router losses.
+
+        With `return_router_losses=True` also returns a float32 tensor [load_balancing_loss, z_loss] for this layer.
+        """
+        batch_size, seq_len, hidden_size = hidden_states.shape
+        config = self.config
+        if self.training and config.router_jitter_noise > 0:
+            noise = torch.empty_like(hidden_states).uniform_(
+                1.0 - config.router_jitter_noise, 1.0 + config.router_jitter_noise
+            )
+            hidden_states = hidden_states * noise
+        x_TH = hidden_states.reshape(-1, hidden_size)
+        router_logits_TE, probs_TE, top_k_weights_TK, top_k_index_TK = self.gate(x_TH)
+        expert_out_TKH = self.experts(x_TH, top_k_index_TK)
+
+        recompute = self.training and _in_backward_recompute()
+        if recompute:
+            defaults_EH, counts_E = self._recompute_state
+        else:
+            defaults_EH, counts_E = self._defaults_and_counts(probs_TE, top_k_index_TK, expert_out_TKH, token_mask)
+            if self.training:
+                self._recompute_state = (defaults_EH, counts_E)
+
+        # sum_k w_k E_k(x): the standard sparse top-K output.
+        out_TH = torch.einsum("tkh,tk->th", expert_out_TKH.float(), top_k_weights_TK)
+        if defaults_EH is not None:
+            # sum_{i not in topK} p_i D_i (Eq. 7): raw probabilities with the selected experts zeroed, times D.
+            # D is a constant: the gradient flows only to the router, dL/dp_i = <dL/dy, D_i>.
+            unselected_probs_TE = probs_TE.scatter(1, top_k_index_TK, 0.0)
+            out_TH = out_TH + unselected_probs_TE @ defaults_EH
+        out_BSH = out_TH.to(hidden_states.dtype).view(batch_size, seq_len, hidden_size)
+        if not return_router_losses:
+            return out_BSH
+        return out_BSH, self._router_losses(router_logits_TE, probs_TE, counts_E, token_mask)
+
+    @torch.no_grad()
+    def _defaults_and_counts(self, probs_TE, top_k_index_TK, expert_out_TKH, token_mask):
+        """Default vectors to use in this forward (None if none) and the per-expert routed-token counts.
+
+        In training with routing="default" this also performs the EMA update of `default_outputs.ema` (Eq. 10):
+        m_i = sum_t s_ti E_i(x_t) / sum_t s_ti over the tokens routed to i (s = 1, or s = p_ti with
+        default_ema_weighting="router_prob"), then D_i <- beta D_i + (1 - beta) m_i for experts that got tokens.
+        Statistics are all-reduced across data-parallel ranks so every rank keeps the same D.
+        """
+        config = self.config
+        num_tokens, top_k = top_k_index_TK.shape
+        valid_TK = torch.ones_like(top_k_index_TK, dtype=torch.bool)
+        if token_mask is not None:
+            valid_TK = valid_TK & token_mask.view(num_tokens, 1)
+        expert_ids_N = top_k_index_TK.reshape(-1)
+        update_ema = self.training and config.routing == "default"
+
+        stats = [torch.zeros(self.num_experts, 1, device=probs_TE.device)]  # [:, 0] routed-token counts
+        if update_ema:
+            out_TKH = expert_out_TKH.float()
+            finite_TK = torch.isfinite(out_TKH).all(dim=-1)
+            if not bool(finite_TK.all()) and not DefaultMoeSparseMoeBlock._warned_non_finite:
+                DefaultMoeSparseMoeBlock._warned_non_finite = True
+                logger.warning("Non-finite expert outputs were left out of the Default MoE EMA update.")
+            if config.default_ema_weighting == "router_prob":
+                scores_TK = probs_TE.gather(1, top_k_index_TK)
+            else:
+                scores_TK = torch.ones_like(top_k_index_TK, dtype=torch.float32)
+            scores_TK = scores_TK * (valid_TK & finite_TK)
+            out_TKH = torch.where(finite_TK.unsqueeze(-1), out_TKH, 0.0)
+            weighted_sums_EH = torch.zeros_like(self.default_outputs.ema).index_add_(
+                0, expert_ids_N, (out_TKH * scores_TK.unsqueeze(-1)).view(-1, out_TKH.shape[-1])
+            )
+            score_sums_E1 = torch.zeros(self.num_experts, 1, device=probs_TE.device).index_add_(
+                0, expert_ids_N, scores_TK.view(-1, 1)
+            )
+            stats += [score_sums_E1, weighted_sums_EH]
+        stats[0].index_add_(0, expert_ids_N, valid_TK.view(-1, 1).float())
+        stats_E = torch.cat(stats, dim=1)
+        if self.training and config.all_reduce_router_stats and _distributed_world_size() > 1:
+            torch.distributed.all_reduce(stats_E)  # one collective per layer: counts (+ EMA sums)
+        counts_E = stats_E[:, 0]
+
+        if config.routing == "topk" or not (self.training or config.default_in_inference):
+            return None, counts_E
+        ema_EH = self.default_outputs.ema
+        if not update_ema:
+            return ema_EH, counts_E
+        score_sums_E, weighted_sums_EH = stats_E[:, 1], stats_E[:, 2:]
+        has_tokens_E1 = (score_sums_E > 0).unsqueeze(-1)
+        batch_mean_EH = weighted_sums_EH / score_sums_E.clamp_min(torch.finfo(torch.float32).tiny).unsqueeze(-1)
+        beta = config.default_ema_beta
+        new_ema_EH = torch.where(has_tokens_E1, beta * ema_EH + (1.0 - beta) * batch_mean_EH, ema_EH)
+        # The graph keeps its own tensor: updating the buffer in place must not touch what backward needs.
+        used_EH = new_ema_EH if config.default_ema_update == "before_use" else ema_EH.clone()
+        ema_EH.copy_(new_ema_EH)
+        return used_EH, counts_E
+
+    def _router_losses(self, router_logits_TE, probs_TE, counts_E, token_mask) -> torch.Tensor:
+        """[Switch load-balancing loss, router z-loss] of this layer, over the non-padding tokens.
+
+        balance = E * sum_i f_i P_i with f_i the share of routed (token, expert) pairs that went to expert i (from
+        the all-reduced counts, so it is over the global batch in data parallel) and P_i the mean router
+        probability; it is 1 for a perfectly balanced router. z = mean_t logsumexp(logits_t)^2.
+        """
+        weights_T = torch.ones(probs_TE.shape[0], device=probs_TE.device) if token_mask is None else token_mask.float()
+        num_valid = weights_T.sum().clamp_min(1.0)
+        fraction_E = counts_E / counts_E.sum().clamp_min(1.0)
+        mean_probs_E = (probs_TE * weights_T.unsqueeze(-1)).sum(0) / num_valid
+        balance = self.num_experts * (fraction_E * mean_probs_E).sum()
+        z = (torch.logsumexp(router_logits_TE.float(), dim=-1).pow(2) * weights_T).sum() / num_valid
+        return torch.stack([balance, z])
+
+
+def _distributed_world_size() -> int:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_world_size()
+    return 1
+
+
+class DefaultMoeDecoderLayer(GradientCheckpointingLayer):
+    def __init__(self, config: DefaultMoeConfig, layer_idx: int):
+        super().__init__()
+        self.self_attn = DefaultMoeAttention(config, layer_idx)
+        self.is_moe = layer_idx >= config.num_dense_layers
+        self.mlp = DefaultMoeSparseMoeBlock(config) if self.is_moe else DefaultMoeMLP(config)
+        self.input_layernorm = DefaultMoeRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.post_attention_layernorm = DefaultMoeRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: Cache | None = None,
+        token_mask: torch.Tensor | None = None,
+        **kwargs,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Returns (hidden_states, router_losses or None). The router losses are *returned* (not stashed on the
+        module) so that reentrant activation checkpointing keeps their graph (DESIGN §3)."""
+        residual = hidden_states
+        hidden_states, _ = self.self_attn(
+            self.input_layernorm(hidden_states),
+            position_embeddings=position_embeddings,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=past_key_values,
+            **kwargs,
+        )
+        hidden_states = residual + hidden_states
+        residual = hidden_states
+        hidden_states = self.post_attention_layernorm(hidden_states)
+        router_losses = None
+        if self.is_moe:
+            hidden_states, router_losses = self.mlp(hidden_states, token_mask=token_mask, return_router_losses=True)
+        else:
+            hidden_states = self.mlp(hidden_states)
+        return residual + hidden_states, router_losses
+
+
+class DefaultMoePreTrainedModel(PreTrainedModel):
+    config: DefaultMoeConfig
+    config_class = DefaultMoeConfig
+    base_model_prefix = "model"
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["DefaultMoeDecoderLayer"]
+    _skip_keys_device_placement = ["past_key_values"]
+    _keep_in_fp32_modules_strict = ["default_outputs"]
+    _supports_flash_attn = True
+    _supports_sdpa = True
+    _supports_flex_attn = True
+    _supports_attention_backend = True
+    _can_record_outputs = {
+        "router_logits": OutputRecorder(DefaultMoeTopKRouter, index=0),
+        "hidden_states": OutputRecorder(DefaultMoeDecoderLayer, index=0),
+        "attentions": OutputRecorder(DefaultMoeAttention, index=1),
+    }
+
+    @torch.no_grad()
+    def _init_weights(self, module):
+        super()._init_weights(module)
+        std = self.config.initializer_range
+        if isinstance(module, DefaultMoeExperts):
+            init.normal_(module.gate_up_proj, mean=0.0, std=std)
+            init.normal_(module.down_proj, mean=0.0, std=std)
+        elif isinstance(module, DefaultMoeTopKRouter):
+            init.normal_(module.weight, mean=0.0, std=std)
+        elif isinstance(module, DefaultMoeDefaults):
+            init.zeros_(module.ema)  # skipped when the checkpoint provides it; never uninitialised memory
+
+
+class DefaultMoeModel(DefaultMoePreTrainedModel):
+    def __init__(self, config: DefaultMoeConfig):
+        super().__init__(config)
+        self.padding_idx = config.pad_token_id
+        self.vocab_size = config.vocab_size
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, self.padding_idx)
+        self.layers = nn.ModuleList([DefaultMoeDecoderLayer(config, i) for i in range(config.num_hidden_layers)])
+        self.norm = DefaultMoeRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.rotary_emb = DefaultMoeRotaryEmbedding(config)
+        self.gradient_checkpointing = False
+        self.post_init()
+
+    @merge_with_config_defaults
+    @capture_outputs
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: Cache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        use_cache: bool | None = None,
+        **kwargs,
+    ) -> "DefaultMoeModelOutputWithPast":
+        if (input_ids is None) ^ (inputs_embeds is not None):
+            raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
+        if use_cache and past_key_values is None:
+            past_key_values = DynamicCache(config=self.config)
+        if inputs_embeds is None:
+            inputs_embeds = self.embed_tokens(input_ids)
+        if position_ids is None:
+            past_seen_tokens = past_key_values.get_seq_length() if past_key_values is not None else 0
+            position_ids = torch.arange(inputs_embeds.shape[1], device=inputs_embeds.device) + past_seen_tokens
+            position_ids = position_ids.unsqueeze(0)
+
+        mask_function = create_causal_mask if self.config.sliding_window is None else create_sliding_window_causal_mask
+        causal_mask = mask_function(
+            config=self.config,
+            inputs_embeds=inputs_embeds,
+            attention_mask=attention_mask,
+            past_key_values=past_key_values,
+            position_ids=position_ids,
+        )
+        # Padding tokens (2-D attention mask, last S columns) stay out of the EMA and the router losses.
+        token_mask = None
+        if attention_mask is not None and attention_mask.dim() == 2:
+            token_mask = attention_mask[:, -inputs_embeds.shape[1] :].reshape(-1).bool()
+
+        hidden_states = inputs_embeds
+        position_embeddings = self.rotary_emb(hidden_states, position_ids=position_ids)
+        layer_losses = []
+        for decoder_layer in self.layers[: self.config.num_hidden_layers]:
+            hidden_states, router_losses = decoder_layer(
+                hidden_states,
+                attention_mask=causal_mask,
+                position_ids=position_ids,
+                past_key_values=past_key_values,
+                use_cache=use_cache,
+                position_embeddings=position_embeddings,
+                token_mask=token_mask,
+                **kwargs,
+            )
+            if router_losses is not None:
+                layer_losses.append(router_losses)
+        hidden_states = self.norm(hidden_states)
+        # Mean over MoE layers of [load balancing, z-loss].
+        router_losses = torch.stack(layer_losses).mean(0) if layer_losses else None
+        return DefaultMoeModelOutputWithPast(
+            last_hidden_state=hidden_states, past_key_values=past_key_values, router_losses=router_losses
+        )
+
+
+@dataclass
+class DefaultMoeModelOutputWithPast(MoeModelOutputWithPast):
+    router_losses: torch.Tensor | None = None
+
+
+@dataclass
+class DefaultMoeCausalLMOutputWithPast(MoeCausalLMOutputWithPast):
+    """`loss` = lm_loss + router_aux_loss_coef * aux_loss + router_z_loss_coef * z_loss (the router terms in training
+    only); `aux_loss` and `z_loss` are the unscaled means over MoE layers."""
+
+    lm_loss: torch.Tensor | None = None
+    z_loss: torch.Tensor | None = None
+
+
+class DefaultMoeForCausalLM(DefaultMoePreTrainedModel, GenerationMixin):
+    _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
+
+    def __init__(self, config: DefaultMoeConfig):
+        super().__init__(config)
+        self.model = DefaultMoeModel(config)
+        self.vocab_size = config.vocab_size
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.post_init()
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: Cache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        output_router_logits: bool | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        **kwargs,
+    ) -> DefaultMoeCausalLMOutputWithPast:
+        output_router_logits = (
+            output_router_logits if output_router_logits is not None else self.config.output_router_logits
+        )
+        outputs: DefaultMoeModelOutputWithPast = self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=past_key_values,
+            inputs_embeds=inputs_embeds,
+            use_cache=use_cache,
+            output_router_logits=output_router_logits,
+            **kwargs,
+        )
+        hidden_states = outputs.last_hidden_state
+        slice_indices = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
+        logits = self.lm_head(hidden_states[:, slice_indices, :])
+
+        aux_loss = z_loss = None
+        if outputs.router_losses is not None:
+            aux_loss, z_loss = outputs.router_losses.unbind()
+        lm_loss = loss = None
+        if labels is not None:
+            lm_loss = self.loss_function(logits, labels, self.vocab_size, **kwargs)
+            loss = lm_loss
+            if self.training and aux_loss is not None:
+                router_loss = self.config.router_aux_loss_coef * aux_loss + self.config.router_z_loss_coef * z_loss
+                loss = lm_loss + router_loss.to(lm_loss.dtype) * self._router_loss_share(labels, kwargs)
+
+        return DefaultMoeCausalLMOutputWithPast(
+            loss=loss,
+            aux_loss=aux_loss,
+            logits=logits,
+            past_key_values=outputs.past_key_values,
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+            router_logits=outputs.router_logits,
+            lm_loss=lm_loss,
+            z_loss=z_loss,
+        )
+
+    @staticmethod
+    def _router_loss_share(labels: torch.Tensor, kwargs: dict) -> torch.Tensor | float:
+        """Weight of this micro-batch's router losses so that they add up like the LM loss under Trainer.
+
+        When Trainer passes `num_items_in_batch` (label tokens over all accumulation steps, and over all ranks with
+        `average_tokens_across_devices`), the LM loss is a sum over this micro-batch divided by that count, Trainer
+        stops dividing by the accumulation steps and scales by the world size, and DDP averages. Weighting the router
+        losses by (this micro-batch's label tokens) / num_items_in_batch makes them add up to their token-weighted
+        mean over the global batch in exactly the same way (transformers issue #48690).
+        """
+        num_items_in_batch = kwargs.get("num_items_in_batch")
+        if num_items_in_batch is None:
+            return 1.0
+        num_items = labels[..., 1:].ne(-100).sum()
+        return num_items / torch.as_tensor(num_items_in_batch, device=num_items.device)
+
+
+__all__ = ["DefaultMoeForCausalLM", "DefaultMoeModel", "DefaultMoePreTrainedModel"]
