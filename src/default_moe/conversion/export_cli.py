@@ -1,0 +1,21 @@
+"""`default-moe export SRC DST --to mixtral|olmoe`: a Default MoE checkpoint in the original per-expert layout."""
+
+import argparse
+
+from .cli import add_common_arguments
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("src", metavar="SRC", help="Default MoE checkpoint folder (or a Hub repo id)")
+    parser.add_argument("dst", metavar="DST", help="output folder (created; must be empty unless --overwrite)")
+    parser.add_argument("--to", required=True, choices=["mixtral", "olmoe"], help="target architecture")
+    add_common_arguments(parser)
+
+
+def run(args: argparse.Namespace) -> int:
+    from .convert import export
+
+    out = export(args.src, args.dst, to=args.to, dtype=args.dtype, max_shard_size=args.max_shard_size,
+                 overwrite=args.overwrite, progress=args.progress)
+    print(f"wrote {out}")
+    return 0

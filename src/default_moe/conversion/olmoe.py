@@ -1,0 +1,71 @@
+"""OLMoE <-> Default MoE.
+
+OLMoE normalises q and k with an RMSNorm over the *whole* projection before the per-head reshape (`q_norm` of
+width heads*head_dim, `k_norm` of width kv_heads*head_dim), optionally clamps q, k and v to `clip_qkv`, and does not
+renormalise the top-k probabilities (`norm_topk_prob=False` in the released models). Hub checkpoints name the
+experts `mlp.experts.{e}.{gate,up,down}_proj`; transformers 5 can also save them fused.
+"""
+
+import logging
+
+from transformers import OlmoeConfig
+
+from .layout import (
+    PlanBuilder,
+    TensorCache,
+    decoder_config_fields,
+    export_decoder_fields,
+    plan_decoder,
+    plan_moe_export_layer,
+    plan_moe_source_layer,
+    require,
+)
+
+logger = logging.getLogger(__name__)
+
+MODEL_TYPE = "olmoe"
+BLOCK = "mlp"
+PER_EXPERT = ("gate_proj", "up_proj", "down_proj")
+
+
+def default_moe_fields(src: OlmoeConfig) -> dict:
+    return decoder_config_fields(src) | {
+        "intermediate_size": src.intermediate_size,
+        "attention_bias": bool(src.attention_bias),
+        "qk_norm": True,
+        "clip_qkv": src.clip_qkv,
+        "sliding_window": None,
+        "router_jitter_noise": 0.0,
+        "num_experts": src.num_experts,
+        "num_experts_per_tok": src.num_experts_per_tok,
+        "norm_topk_prob": bool(src.norm_topk_prob),
+        # transformers' OLMoE loss is K at balance, ours 1.0: scale so the gradient is the same.
+        "router_aux_loss_coef": src.router_aux_loss_coef * src.num_experts_per_tok,
+        "output_router_logits": src.output_router_logits,
+    }
+
+
+def plan(builder: PlanBuilder, config) -> None:
+    plan_decoder(builder, config, lambda b, layer: plan_moe_source_layer(b, layer, config, BLOCK, PER_EXPERT))
+
+
+def export_config(config) -> OlmoeConfig:
+    target = "OLMoE"
+    require(config.qk_norm, target, "OLMoE always has q/k norms (qk_norm=False here)")
+    require(config.sliding_window is None, target, "OLMoE has no sliding window")
+    require(config.num_dense_layers == 0, target, f"OLMoE has no dense layers (num_dense_layers={config.num_dense_layers})")
+    require(
+        config.head_dim * config.num_attention_heads == config.hidden_size, target,
+        f"OLMoE's head_dim is hidden_size/num_attention_heads (head_dim={config.head_dim} here)",
+    )
+    if config.router_jitter_noise:
+        logger.warning("OLMoE has no router jitter: router_jitter_noise=%s is dropped", config.router_jitter_noise)
+    return OlmoeConfig(
+        **export_decoder_fields(config), attention_bias=config.attention_bias, clip_qkv=config.clip_qkv,
+        num_experts=config.num_experts, norm_topk_prob=config.norm_topk_prob,
+    )
+
+
+def export_plan(builder: PlanBuilder, config) -> None:
+    cache = TensorCache(builder.reader)
+    plan_decoder(builder, config, lambda b, layer: plan_moe_export_layer(b, cache, layer, config, BLOCK, PER_EXPERT))
