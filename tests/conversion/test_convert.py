@@ -1,0 +1,175 @@
+"""Mixtral/OLMoE -> Default MoE -> Mixtral/OLMoE against transformers' own models."""
+
+import json
+
+import pytest
+import torch
+from conversion.sources import MOE_SOURCES, folder_digest, random_inputs
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+
+from default_moe import DefaultMoeConfig, DefaultMoeForCausalLM
+from default_moe.conversion import convert, export
+from default_moe.conversion.io import CheckpointReader
+
+
+def load_all(folder) -> dict[str, torch.Tensor]:
+    """Every tensor of a checkpoint folder via the safetensors library (independent of our reader)."""
+    tensors = {}
+    for path in sorted(folder.glob("*.safetensors")):
+        tensors |= load_file(path)
+    return tensors
+
+
+def bitwise_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a.dtype == b.dtype and a.shape == b.shape and torch.equal(a.contiguous().view(torch.uint8),
+                                                                      b.contiguous().view(torch.uint8))
+
+
+@pytest.fixture(scope="module")
+def converted(sources, tmp_path_factory):
+    """name -> (source, converted folder, SRC digest before conversion)."""
+    root = tmp_path_factory.mktemp("converted")
+    out = {}
+    for name in MOE_SOURCES:
+        source = sources[name]
+        before = folder_digest(source.folder)
+        dst = convert(source.folder, root / name, max_shard_size="16KB", progress=False)
+        out[name] = (source, dst, before)
+    return out
+
+
+@pytest.mark.parametrize("name", list(MOE_SOURCES))
+def test_logits_and_generation_match_transformers(converted, name):
+    source, dst, _ = converted[name]
+    reference = source.load_reference()
+    ours = DefaultMoeForCausalLM.from_pretrained(dst, dtype=torch.float32).eval()
+    assert ours.config.routing == "default"  # defaults are zero, so the Default MoE output is the source's
+    for seed in range(2):
+        input_ids = random_inputs(seed)
+        with torch.no_grad():
+            expected, actual = reference(input_ids).logits, ours(input_ids).logits
+        torch.testing.assert_close(actual, expected, atol=1e-5, rtol=0)
+    prompt = random_inputs(5, batch=1, length=5)
+    expected = reference.generate(prompt, max_new_tokens=10, do_sample=False)
+    actual = ours.generate(prompt, max_new_tokens=10, do_sample=False)
+    assert torch.equal(actual, expected)
+
+
+@pytest.mark.parametrize("name", list(MOE_SOURCES))
+def test_output_folder(converted, name):
+    source, dst, before = converted[name]
+    assert folder_digest(source.folder) == before, "SRC was modified"
+    files = {p.name for p in dst.iterdir()}
+    assert {"config.json", "configuration_default_moe.py", "modeling_default_moe.py", "README.md"} <= files
+    assert not [p for p in dst.parent.iterdir() if p.name.startswith(".")], "temporary folders left behind"
+    # The code files are the installed package's, and config.json carries what save_pretrained would write.
+    import default_moe
+
+    package = default_moe.__file__.rsplit("/", 1)[0]
+    for code in ("configuration_default_moe.py", "modeling_default_moe.py"):
+        assert (dst / code).read_text() == open(f"{package}/{code}").read()
+    config = json.loads((dst / "config.json").read_text())
+    assert config["auto_map"] == {
+        "AutoConfig": "configuration_default_moe.DefaultMoeConfig",
+        "AutoModelForCausalLM": "modeling_default_moe.DefaultMoeForCausalLM",
+    }
+    assert config["architectures"] == ["DefaultMoeForCausalLM"]
+    assert config["dtype"] == {"fp32": "float32", "bf16": "bfloat16"}[source.dtype]
+    # Sharded with an index (16KB shards), in the canonical layout.
+    index = json.loads((dst / "model.safetensors.index.json").read_text())
+    assert len(set(index["weight_map"].values())) > 1
+    tensors = load_all(dst)
+    assert set(index["weight_map"]) == set(tensors)
+    cfg = DefaultMoeConfig.from_pretrained(dst)
+    assert ("lm_head.weight" in tensors) == (not cfg.tie_word_embeddings)
+    for layer in range(cfg.num_hidden_layers):
+        prefix = f"model.layers.{layer}.mlp"
+        E, H, I = cfg.num_experts, cfg.hidden_size, cfg.intermediate_size  # noqa: N806
+        assert tensors[f"{prefix}.experts.gate_up_proj"].shape == (E, 2 * I, H)
+        assert tensors[f"{prefix}.experts.down_proj"].shape == (E, H, I)
+        ema = tensors[f"{prefix}.default_outputs.ema"]
+        assert ema.dtype == torch.float32 and ema.shape == (E, H) and not ema.any()
+    # Tokenizer and generation config carried over; the card names the source.
+    assert AutoTokenizer.from_pretrained(dst)("hi!")["input_ids"] == AutoTokenizer.from_pretrained(source.folder)(
+        "hi!"
+    )["input_ids"]
+    assert GenerationConfig.from_pretrained(dst).to_dict() == GenerationConfig.from_pretrained(source.folder).to_dict()
+    assert source.name in (dst / "README.md").read_text()
+    # Loadable through the Auto classes from the folder alone (remote code path).
+    model = AutoModelForCausalLM.from_pretrained(dst, trust_remote_code=True)
+    assert type(model).__name__ == "DefaultMoeForCausalLM"
+
+
+@pytest.mark.parametrize("name", list(MOE_SOURCES))
+def test_config_mapping(converted, name):
+    source, dst, _ = converted[name]
+    src = json.loads((source.folder / "config.json").read_text())
+    cfg = DefaultMoeConfig.from_pretrained(dst)
+    top_k = src["num_experts_per_tok"]
+    assert cfg.router_aux_loss_coef == pytest.approx(src["router_aux_loss_coef"] * top_k)
+    assert cfg.num_experts == src.get("num_local_experts", src.get("num_experts"))
+    assert cfg.tie_word_embeddings == src["tie_word_embeddings"]
+    if source.model_type == "mixtral":
+        assert cfg.norm_topk_prob and not cfg.qk_norm
+        assert cfg.sliding_window == src["sliding_window"]
+        assert cfg.router_jitter_noise == src["router_jitter_noise"]
+    else:
+        assert cfg.qk_norm and cfg.norm_topk_prob == src["norm_topk_prob"]
+        assert cfg.clip_qkv == src["clip_qkv"] and cfg.attention_bias == src["attention_bias"]
+
+
+@pytest.mark.parametrize("name", list(MOE_SOURCES))
+def test_export_reproduces_source_bit_for_bit(converted, name, tmp_path):
+    source, dst, _ = converted[name]
+    before = folder_digest(dst)
+    back = export(dst, tmp_path / "back", to=source.model_type, max_shard_size="8KB", progress=False)
+    assert folder_digest(dst) == before
+    expected, actual = load_all(source.expected_export), load_all(back)
+    assert set(actual) == set(expected)
+    for key in expected:
+        assert bitwise_equal(actual[key], expected[key]), key
+    # Stock transformers loads it and computes what the source computes.
+    reference = source.load_reference()
+    reloaded = source.model_class.from_pretrained(back, dtype=torch.float32).eval()
+    input_ids = random_inputs(3)
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(input_ids).logits, reference(input_ids).logits, atol=0, rtol=0)
+    src_config = json.loads((source.folder / "config.json").read_text())
+    back_config = json.loads((back / "config.json").read_text())
+    assert back_config["model_type"] == source.model_type
+    assert back_config["router_aux_loss_coef"] == pytest.approx(src_config["router_aux_loss_coef"])
+    assert (back / "tokenizer.json").is_file() and (back / "generation_config.json").is_file()
+
+
+def test_dtype_option_and_single_file(converted, tmp_path):
+    source, _, _ = converted["mixtral-original-sharded-fp32"]
+    dst = convert(source.folder, tmp_path / "bf16", dtype="bfloat16", progress=False)
+    files = sorted(p.name for p in dst.glob("*.safetensors"))
+    assert files == ["model.safetensors"] and not (dst / "model.safetensors.index.json").exists()
+    reader = CheckpointReader(dst)
+    for name in reader.names():
+        expected = torch.float32 if name.endswith("default_outputs.ema") else torch.bfloat16
+        assert reader[name].dtype == expected, name
+    assert json.loads((dst / "config.json").read_text())["dtype"] == "bfloat16"
+
+
+def test_routing_options_are_written(converted, tmp_path):
+    source, _, _ = converted["olmoe-original-sharded-fp32-clip"]
+    dst = convert(source.folder, tmp_path / "out", routing="topk", ema_beta=0.5, ema_weighting="router_prob",
+                  ema_update="after_use", router_aux_loss_coef=0.03, progress=False)
+    cfg = DefaultMoeConfig.from_pretrained(dst)
+    assert (cfg.routing, cfg.default_ema_beta, cfg.default_ema_weighting, cfg.default_ema_update) == (
+        "topk", 0.5, "router_prob", "after_use"
+    )
+    assert cfg.router_aux_loss_coef == 0.03
+
+
+def test_export_refuses_what_the_target_cannot_express(converted, tmp_path):
+    source, dst, _ = converted["olmoe-original-sharded-fp32-clip"]
+    with pytest.raises(ValueError, match="cannot export to Mixtral: .*norm_topk_prob=False"):
+        export(dst, tmp_path / "x", to="mixtral")
+    mixtral_dst = converted["mixtral-original-sharded-fp32"][1]
+    with pytest.raises(ValueError, match="cannot export to OLMoE: OLMoE always has q/k norms"):
+        export(mixtral_dst, tmp_path / "y", to="olmoe")
+    assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
