@@ -68,7 +68,7 @@ MOE_SOURCES = {
 
 DENSE_SOURCES = {
     "llama-sharded-fp32": ("llama", dict(), "fp32", "8KB"),
-    "llama-tied-bias-bf16": ("llama", dict(tie_word_embeddings=True, attention_bias=True), "bf16", None),
+    "llama-tied-bias-bf16": ("llama", dict(tie_word_embeddings=True, attention_bias=True, intermediate_size=48), "bf16", None),
     "mistral-sliding-fp32": ("mistral", dict(sliding_window=4), "fp32", None),
     "qwen2-tied-fp32": ("qwen2", dict(tie_word_embeddings=True), "fp32", "8KB"),
 }
@@ -84,11 +84,12 @@ CLASSES = {
 
 def build_model(model_type: str, seed: int, **kwargs):
     config_class, model_class = CLASSES[model_type]
-    config = config_class(
+    fields = dict(
         vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=16 if model_type in ("mixtral", "olmoe") else 32,
         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-        pad_token_id=0, bos_token_id=1, eos_token_id=2, **kwargs,
+        pad_token_id=0, bos_token_id=1, eos_token_id=2,
     )
+    config = config_class(**(fields | kwargs))
     torch.manual_seed(seed)
     model = model_class(config).eval()
     with torch.no_grad():  # non-trivial norms, so a swapped or dropped norm weight shows in the logits

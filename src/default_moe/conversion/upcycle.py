@@ -11,14 +11,21 @@ group j are p_j / (G * S) per expert (S = sum of the selected groups' probabilit
 p_j / (G * S) * sum_g FFN_g(x) = p_j / (G * S) * FFN(x), and all selected groups together FFN(x) / G. Scaling
 every expert's `down_proj` by G makes the layer output FFN(x). With G = 1 no scaling is needed and any K works.
 
+The scaling by G is exact when G is a power of two; otherwise it rounds once per weight in the output dtype,
+which is negligible in float32 but not in bfloat16/float16 (a warning says so; convert with dtype=float32).
+
 With `norm_topk_prob=False` the output is (sum of the selected probabilities) * FFN(x), a per-token shrink; with
 non-zero defaults (e.g. after calibration) the unselected experts add sum p_i D_i. Both change step-0 outputs.
 """
+
+import logging
 
 import torch
 
 from .io import ConversionError
 from .layout import Layout, PlanBuilder, decoder_config_fields, ema_plan, plan_decoder
+
+logger = logging.getLogger(__name__)
 
 MODEL_TYPES = ("llama", "mistral", "qwen2", "olmo2")
 
@@ -75,6 +82,14 @@ def default_moe_fields(src, model_type: str, num_experts: int, top_k: int, granu
 
 
 def plan(builder: PlanBuilder, config, model_type: str, granularity: int, seed: int) -> None:
+    if granularity & (granularity - 1):
+        low_precision = {builder.out_dtype(info.dtype) for info in builder.reader.infos.values()} - {torch.float32}
+        if low_precision:
+            logger.warning(
+                "granularity %d is not a power of two: scaling down_proj by it rounds in %s, so step 0 matches the "
+                "dense model only approximately (pass dtype=float32 for an exact match)", granularity,
+                sorted(map(str, low_precision))[0],
+            )
     hidden, dense_width = config.hidden_size, config.dense_intermediate_size
     width, num_experts = config.intermediate_size, config.num_experts
 
