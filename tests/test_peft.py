@@ -42,6 +42,8 @@ def test_lora_trainer_reload_and_merge(base_folder, tmp_path):
     base = AutoModelForCausalLM.from_pretrained(base_folder)
     base_ema = ema_state(base)
     assert all(e.abs().sum() > 0 for e in base_ema.values())
+    with torch.no_grad():
+        base_logits = base.eval()(INPUT_IDS).logits
     model = get_peft_model(base, lora_config(r=4, alpha=8, model=base))
 
     layers = model.get_base_model().model.layers
@@ -91,7 +93,9 @@ def test_lora_trainer_reload_and_merge(base_folder, tmp_path):
     model.eval()
     with torch.no_grad():
         trained_logits = model(input_ids=INPUT_IDS).logits
-    torch.save({"logits": trained_logits, "ema": trained_ema}, tmp_path / "trained.pt")
+    assert not torch.allclose(trained_logits, base_logits)
+    with model.disable_adapter(), torch.no_grad():  # the frozen originals give the base model back exactly
+        torch.testing.assert_close(model(input_ids=INPUT_IDS).logits, base_logits, rtol=0, atol=0)
 
     # Fresh process: base + adapter, then merge_and_unload, then save and reload the merged model.
     script = textwrap.dedent(f"""
@@ -204,3 +208,30 @@ def test_lora_config_errors(kwargs, message):
         kwargs["model"] = DefaultMoeForCausalLM(tiny_model(warm_ema=False).config)
     with pytest.raises(ValueError, match=message.replace("[", r"\[").replace("]", r"\]")):
         lora_config(**kwargs)
+
+
+def _one_step(checkpointing: str | None):
+    model = tiny_model(seed=3, num_hidden_layers=3)
+    peft_model = get_peft_model(model, lora_config(r=2, model=model, init_lora_weights="gaussian"))
+    if checkpointing:
+        peft_model.gradient_checkpointing_enable(
+            gradient_checkpointing_kwargs={"use_reentrant": checkpointing == "reentrant"}
+        )
+        peft_model.enable_input_require_grads()
+    peft_model.train()
+    peft_model(input_ids=INPUT_IDS, labels=INPUT_IDS).loss.backward()
+    grads = {n: p.grad for n, p in peft_model.named_parameters() if p.requires_grad}
+    return grads, ema_state(peft_model)
+
+
+@pytest.mark.parametrize("checkpointing", ["reentrant", "non_reentrant"])
+def test_lora_with_activation_checkpointing_matches(checkpointing):
+    """LoRA + activation checkpointing: same LoRA gradients (router and experts included) and the same EMA update."""
+    grads, ema = _one_step(None)
+    grads_ckpt, ema_ckpt = _one_step(checkpointing)
+    assert grads.keys() == grads_ckpt.keys() and any(".mlp.gate.lora_A" in n for n in grads)
+    for name, grad in grads.items():
+        assert grad is not None and grads_ckpt[name] is not None, name
+        torch.testing.assert_close(grads_ckpt[name], grad, rtol=1e-6, atol=1e-7, msg=name)
+    for layer in ema:
+        assert torch.equal(ema_ckpt[layer], ema[layer])
