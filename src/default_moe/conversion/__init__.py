@@ -4,7 +4,7 @@
 `default-moe convert` / `default-moe export`. See docs/conversion.md.
 """
 
-from .convert import SOURCE_TYPES, convert, export
+from .api import SOURCE_TYPES, convert, export
 from .io import ConversionError
 
 __all__ = ["SOURCE_TYPES", "ConversionError", "convert", "export"]

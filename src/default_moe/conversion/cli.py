@@ -2,7 +2,7 @@
 
 import argparse
 
-from .convert import DTYPES, SOURCE_TYPES
+from .api import DTYPES, SOURCE_TYPES
 
 
 def _bool(value: str) -> bool:
@@ -49,7 +49,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from .convert import convert
+    from .api import convert
 
     out = convert(
         args.src, args.dst, from_=args.from_, num_experts=args.num_experts, top_k=args.top_k,

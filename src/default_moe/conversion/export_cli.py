@@ -13,7 +13,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from .convert import export
+    from .api import export
 
     out = export(args.src, args.dst, to=args.to, dtype=args.dtype, max_shard_size=args.max_shard_size,
                  overwrite=args.overwrite, progress=args.progress)

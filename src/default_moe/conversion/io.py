@@ -348,10 +348,16 @@ def check_destination(src: Path | None, dst: Path, overwrite: bool) -> None:
 def atomic_output_folder(dst: Path, overwrite: bool) -> Iterator[Path]:
     """Yield a fresh temporary folder next to DST; on success it replaces DST, on any error it is removed."""
     dst = Path(dst)
+    created = []  # parents we create, removed again on failure
+    parent = dst.parent
+    while not parent.exists():
+        created.append(parent)
+        parent = parent.parent
     try:
         dst.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.tmp-", dir=dst.parent))
     except OSError as error:
+        _remove_empty(created)
         raise ConversionError(f"cannot write DST {dst}: {error.strerror or error}") from error
     try:
         yield tmp
@@ -371,4 +377,11 @@ def atomic_output_folder(dst: Path, overwrite: bool) -> Iterator[Path]:
             os.rename(tmp, dst)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
+        _remove_empty(created)
         raise
+
+
+def _remove_empty(folders: list[Path]) -> None:
+    for folder in folders:  # deepest first
+        with contextlib.suppress(OSError):
+            folder.rmdir()
