@@ -1,0 +1,67 @@
+"""DefaultMoeConfig: defaults, round trip, and a clear ValueError naming the field for every invalid value."""
+
+import pytest
+
+from default_moe import DefaultMoeConfig
+
+
+def test_defaults_follow_the_paper():
+    config = DefaultMoeConfig()
+    assert config.model_type == "default_moe"
+    assert config.routing == "default"
+    assert config.default_ema_beta == 0.9
+    assert config.default_ema_weighting == "mean"
+    assert config.default_ema_update == "before_use"
+    assert config.default_in_inference is True
+    assert config.all_reduce_router_stats is True
+    assert config.norm_topk_prob is False
+    assert config.router_aux_loss_coef == 0.01
+    assert config.head_dim == config.hidden_size // config.num_attention_heads
+    assert config.num_key_value_heads == config.num_attention_heads
+    assert config.num_local_experts == config.num_experts  # Mixtral's name works too
+
+
+def test_save_and_load_round_trip(tmp_path):
+    config = DefaultMoeConfig(
+        hidden_size=64,
+        num_attention_heads=4,
+        routing="topk",
+        default_ema_weighting="router_prob",
+        default_ema_update="after_use",
+        qk_norm=True,
+        clip_qkv=8.0,
+        num_dense_layers=1,
+        sliding_window=128,
+    )
+    config.save_pretrained(tmp_path)
+    loaded = DefaultMoeConfig.from_pretrained(tmp_path)
+    assert loaded.to_dict() == config.to_dict()
+
+
+@pytest.mark.parametrize(
+    ("overrides", "field", "accepted"),
+    [
+        (dict(default_ema_beta=1.0), "default_ema_beta", "[0, 1)"),
+        (dict(default_ema_beta=-0.1), "default_ema_beta", "[0, 1)"),
+        (dict(num_experts=4, num_experts_per_tok=5), "num_experts_per_tok", "at most num_experts=4"),
+        (dict(routing="dense"), "routing", "'default', 'topk'"),
+        (dict(default_ema_weighting="median"), "default_ema_weighting", "'mean', 'router_prob'"),
+        (dict(default_ema_update="later"), "default_ema_update", "'before_use', 'after_use'"),
+        (dict(hidden_size=100, num_attention_heads=16), "num_attention_heads", "divisor of hidden_size=100"),
+        (dict(num_attention_heads=16, num_key_value_heads=5), "num_key_value_heads", "divisor of num_attention"),
+        (dict(num_experts=0), "num_experts", "positive integer"),
+        (dict(num_hidden_layers=2, num_dense_layers=3), "num_dense_layers", "[0, num_hidden_layers=2]"),
+        (dict(router_aux_loss_coef=-1.0), "router_aux_loss_coef", "non-negative"),
+        (dict(clip_qkv=0.0), "clip_qkv", "positive"),
+    ],
+)
+def test_invalid_values_raise_value_error_naming_field(overrides, field, accepted):
+    with pytest.raises(ValueError) as error:
+        DefaultMoeConfig(**overrides)
+    assert f"DefaultMoeConfig.{field}=" in str(error.value)
+    assert accepted in str(error.value)
+
+
+def test_explicit_head_dim_allows_non_dividing_hidden_size():
+    config = DefaultMoeConfig(hidden_size=100, num_attention_heads=4, head_dim=32)
+    assert config.head_dim == 32

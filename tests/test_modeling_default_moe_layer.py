@@ -1,0 +1,222 @@
+"""The Default MoE block against a plain loop-based reference of DESIGN.md §2, and against transformers' own
+Mixtral/OLMoE blocks when the defaults are zero. Tolerance: 1e-5 absolute plus 1e-5 relative in float32 (the implementations sum the
+same terms in a different order)."""
+
+import logging
+
+import pytest
+import torch
+import torch.nn.functional as F
+from transformers.models.mixtral.configuration_mixtral import MixtralConfig
+from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock
+from transformers.models.olmoe.configuration_olmoe import OlmoeConfig
+from transformers.models.olmoe.modeling_olmoe import OlmoeSparseMoeBlock
+
+from default_moe.modeling_default_moe import DefaultMoeSparseMoeBlock
+from tiny_models import tiny_config
+
+ATOL = 1e-5
+RTOL = 1e-5
+
+
+def make_block(seed=0, **overrides) -> DefaultMoeSparseMoeBlock:
+    torch.manual_seed(seed)
+    block = DefaultMoeSparseMoeBlock(tiny_config(**overrides))
+    for parameter in block.parameters():
+        torch.nn.init.normal_(parameter, std=0.3)
+    return block
+
+
+def reference_block(block, x_TH, ema_EH, training):
+    """Token-by-token, expert-by-expert Default MoE (DESIGN.md §2). Returns (y, new_ema)."""
+    config = block.config
+    num_experts, top_k = config.num_experts, config.num_experts_per_tok
+    w_router = block.gate.weight
+    w_gate_up, w_down = block.experts.gate_up_proj, block.experts.down_proj
+
+    def expert(i, x_H):
+        gate, up = (w_gate_up[i] @ x_H).chunk(2)
+        return w_down[i] @ (F.silu(gate) * up)
+
+    probs = torch.softmax((x_TH @ w_router.T).float(), dim=-1)
+    selections, outputs = [], []
+    sums = torch.zeros(num_experts, x_TH.shape[1])
+    score_sums = torch.zeros(num_experts)
+    for t in range(x_TH.shape[0]):
+        selected = torch.topk(probs[t], top_k).indices.tolist()
+        selections.append(selected)
+        outputs.append({i: expert(i, x_TH[t]) for i in selected})
+        for i in selected:
+            score = probs[t, i].detach() if config.default_ema_weighting == "router_prob" else 1.0
+            sums[i] += score * outputs[t][i].detach()
+            score_sums[i] += score
+
+    new_ema = ema_EH.clone()
+    if training and config.routing == "default":
+        for i in range(num_experts):
+            if score_sums[i] > 0:
+                new_ema[i] = (
+                    config.default_ema_beta * ema_EH[i] + (1 - config.default_ema_beta) * sums[i] / score_sums[i]
+                )
+    if config.routing == "topk" or not (training or config.default_in_inference):
+        used = torch.zeros_like(ema_EH)
+    elif training and config.default_ema_update == "before_use":
+        used = new_ema
+    else:
+        used = ema_EH
+
+    ys = []
+    for t, selected in enumerate(selections):
+        weights = probs[t, selected]
+        if config.norm_topk_prob:
+            weights = weights / weights.sum()
+        y = sum(w * outputs[t][i] for w, i in zip(weights, selected))
+        y = y + sum(probs[t, i] * used[i] for i in range(num_experts) if i not in selected)
+        ys.append(y)
+    return torch.stack(ys), new_ema
+
+
+LAYER_CONFIGS = [
+    dict(num_experts=4, num_experts_per_tok=1),
+    dict(num_experts=4, num_experts_per_tok=2, norm_topk_prob=True),
+    dict(num_experts=6, num_experts_per_tok=3, default_ema_weighting="router_prob"),
+    dict(num_experts=4, num_experts_per_tok=2, default_ema_update="after_use", default_ema_beta=0.5),
+    dict(num_experts=8, num_experts_per_tok=2, default_ema_beta=0.0),
+    dict(num_experts=4, num_experts_per_tok=2, routing="topk"),
+    dict(num_experts=4, num_experts_per_tok=2, default_in_inference=False),
+]
+
+
+def run_against_reference(overrides, training, steps=3):
+    block = make_block(**overrides).train(training)
+    ref_block = make_block(**overrides).train(training)
+    torch.nn.init.normal_(block.default_outputs.ema)
+    initial_ema = block.default_outputs.ema.clone()
+    ref_ema = initial_ema.clone()
+    for step in range(steps):
+        x = torch.randn(2, 5, block.config.hidden_size, generator=torch.Generator().manual_seed(step))
+        x_ours = x.clone().requires_grad_()
+        y = block(x_ours)
+        y_ref, ref_ema = reference_block(ref_block, x.view(-1, x.shape[-1]), ref_ema, training)
+        torch.testing.assert_close(y.view(-1, x.shape[-1]), y_ref, atol=ATOL, rtol=RTOL)
+        torch.testing.assert_close(block.default_outputs.ema, ref_ema, atol=ATOL, rtol=RTOL)
+        # Same upstream gradient through both: router, expert and input gradients must agree.
+        upstream = torch.randn_like(y_ref)
+        (y.view(-1, x.shape[-1]) * upstream).sum().backward()
+        (y_ref * upstream).sum().backward()
+        for name, parameter in block.named_parameters():
+            ref_parameter = dict(ref_block.named_parameters())[name]
+            torch.testing.assert_close(parameter.grad, ref_parameter.grad, atol=ATOL, rtol=1e-4, msg=name)
+            parameter.grad = ref_parameter.grad = None
+    return block, initial_ema
+
+
+@pytest.mark.parametrize("overrides", LAYER_CONFIGS, ids=lambda o: ",".join(f"{k}={v}" for k, v in o.items()))
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_block_matches_loop_reference(overrides, training):
+    block, initial_ema = run_against_reference(overrides, training)
+    updates = training and block.config.routing == "default"
+    assert torch.equal(block.default_outputs.ema, initial_ema) != updates
+
+
+def test_eval_forward_never_updates_ema():
+    block = make_block().eval()
+    torch.nn.init.normal_(block.default_outputs.ema)
+    before = block.default_outputs.ema.clone()
+    block(torch.randn(2, 5, 32))
+    assert torch.equal(block.default_outputs.ema, before)
+
+
+def test_router_gets_gradient_from_unselected_experts_only_with_defaults():
+    """The point of the method: with non-zero defaults, unselected experts' router rows get gradient at K=1."""
+    x = torch.randn(1, 1, 32)
+    grads = {}
+    for routing in ("topk", "default"):
+        block = make_block(num_experts=4, num_experts_per_tok=1, routing=routing).eval()
+        torch.nn.init.normal_(block.default_outputs.ema)
+        block(x).sum().backward()
+        grads[routing] = block.gate.weight.grad
+    selected = torch.topk(x.view(1, -1) @ block.gate.weight.detach().T, 1).indices.item()
+    unselected = [i for i in range(4) if i != selected]
+    # Top-1 with raw weights: the only router gradient is through p_selected (softmax couples all rows), so
+    # top-K gives every row *some* gradient; Default MoE's differs on every unselected row.
+    assert (grads["default"][unselected] - grads["topk"][unselected]).abs().sum(-1).min() > 1e-6
+
+
+@pytest.mark.parametrize(
+    ("reference_cls", "reference_config_cls", "norm_topk_prob"),
+    [(MixtralSparseMoeBlock, MixtralConfig, True), (OlmoeSparseMoeBlock, OlmoeConfig, False)],
+    ids=["mixtral", "olmoe"],
+)
+@pytest.mark.parametrize("routing", ["default", "topk"])
+def test_zero_defaults_equal_transformers_top_k_block(reference_cls, reference_config_cls, norm_topk_prob, routing):
+    """With all defaults zero (fresh or converted), and with routing='topk' whatever the defaults, the layer is
+    exactly transformers' standard top-K MoE block, in eval and in training. (In training, "before_use" would first
+    fold this batch into the zero defaults, so the zero-defaults case uses the causal "after_use" order.)"""
+    block = make_block(
+        num_experts=8,
+        num_experts_per_tok=2,
+        norm_topk_prob=norm_topk_prob,
+        routing=routing,
+        default_ema_update="after_use",
+    )
+    reference = reference_cls(
+        reference_config_cls(hidden_size=32, intermediate_size=24, num_local_experts=8, num_experts_per_tok=2)
+    )
+    reference.load_state_dict({k: v for k, v in block.state_dict().items() if "default_outputs" not in k})
+    if routing == "topk":
+        torch.nn.init.normal_(block.default_outputs.ema)  # ignored by top-K routing
+    for training in (False, True):
+        block.train(training)
+        reference.train(training)
+        x = torch.randn(3, 7, 32)
+        torch.testing.assert_close(block(x), reference(x), atol=ATOL, rtol=RTOL)
+
+
+def test_padding_tokens_stay_out_of_the_ema():
+    block = make_block(num_experts=4, num_experts_per_tok=2).train()
+    x = torch.randn(1, 6, 32)
+    padded = torch.cat([x, torch.randn(1, 4, 32) * 50], dim=1)
+    mask = torch.tensor([True] * 6 + [False] * 4)
+    block(padded, token_mask=mask)
+    with_padding = block.default_outputs.ema.clone()
+    block.default_outputs.ema.zero_()
+    block(x)
+    torch.testing.assert_close(with_padding, block.default_outputs.ema, atol=ATOL, rtol=RTOL)
+
+
+def test_non_finite_expert_outputs_never_enter_the_ema(caplog):
+    block = make_block(num_experts=4, num_experts_per_tok=4).train()  # every expert sees every token
+    with torch.no_grad():
+        block.experts.down_proj[2].fill_(float("inf"))
+        block.experts.down_proj[3, 0, 0] = float("nan")
+    DefaultMoeSparseMoeBlock._warned_non_finite = False
+    with caplog.at_level(logging.WARNING):
+        block(torch.randn(2, 3, 32))
+        block(torch.randn(2, 3, 32))
+    ema = block.default_outputs.ema
+    assert torch.isfinite(ema).all()
+    assert ema[:2].abs().sum(-1).min() > 0  # healthy experts updated
+    assert ema[2:].abs().sum() == 0  # broken experts kept their (zero) defaults
+    assert sum("Non-finite expert outputs" in r.getMessage() for r in caplog.records) == 1  # warned once
+
+
+def test_ema_stays_float32_under_bfloat16():
+    block = make_block().to(torch.bfloat16).train()
+    assert block.default_outputs.ema.dtype == torch.float32
+    assert block.experts.gate_up_proj.dtype == torch.bfloat16
+    y = block(torch.randn(2, 4, 32, dtype=torch.bfloat16))
+    assert y.dtype == torch.bfloat16
+    assert block.default_outputs.ema.dtype == torch.float32 and block.default_outputs.ema.abs().sum() > 0
+
+
+def test_router_losses_match_switch_definition():
+    block = make_block(num_experts=4, num_experts_per_tok=2).eval()
+    x = torch.randn(2, 6, 32)
+    _, (balance, z) = block(x, return_router_losses=True)
+    logits = x.view(-1, 32) @ block.gate.weight.T
+    probs = logits.softmax(-1)
+    selected = torch.topk(probs, 2).indices
+    fraction = torch.stack([(selected == i).float().sum() for i in range(4)]) / selected.numel()
+    torch.testing.assert_close(balance, 4 * (fraction * probs.mean(0)).sum())
+    torch.testing.assert_close(z, torch.logsumexp(logits, -1).pow(2).mean())
