@@ -1,6 +1,6 @@
 """The Default MoE block against a plain loop-based reference of DESIGN.md §2, and against transformers' own
-Mixtral/OLMoE blocks when the defaults are zero. Tolerance: 1e-5 absolute plus 1e-5 relative in float32 (the implementations sum the
-same terms in a different order)."""
+Mixtral/OLMoE blocks when the defaults are zero. Tolerance: 1e-5 absolute plus 1e-5 relative in float32 (the
+implementations sum the same terms in a different order)."""
 
 import logging
 
