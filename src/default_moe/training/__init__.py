@@ -1,0 +1,9 @@
+"""Training Default MoE models: built-in corpus and tokenizer, Trainer runs, router monitoring.
+
+`DefaultMoeCallback` is the public piece for users' own `transformers.Trainer` runs; the `default-moe train`,
+`compare` and `demo` commands are built from the modules of this package.
+"""
+
+from .callback import DefaultMoeCallback
+
+__all__ = ["DefaultMoeCallback"]

@@ -1,0 +1,308 @@
+"""`DefaultMoeCallback`: watch the routers of a Default MoE model while `transformers.Trainer` trains it.
+
+Add it to any Trainer: `Trainer(..., callbacks=[DefaultMoeCallback()])`. At every logging step it adds to the logs
+
+    moe/lm_loss, moe/aux_loss, moe/z_loss           mean over the training forwards since the last log
+    moe/layer{L}/load_min, load_max                 smallest/largest expert share x num_experts (1.0 = balanced)
+    moe/layer{L}/expert{E}                          each expert's share of the routed (token, expert) pairs
+    moe/layer{L}/router_entropy                     mean entropy (nats) of the router's softmax over all experts
+    moe/layer{L}/ema_norm                           mean L2 norm of the layer's EMA default vectors
+
+(per-expert shares only when the model has at most `max_logged_experts` experts). At the end of training it writes
+`moe_loss_curves.png` and `moe_expert_load.png` (layers x experts heatmap of the load over the whole run) to the
+output folder, and it warns (once per expert) when an expert's share stays below `collapse_threshold` times the
+uniform share for `collapse_patience` logging windows in a row: the router has collapsed onto fewer experts.
+
+How it measures: forward hooks on each MoE layer's router (which returns `(logits, probs, weights, index)`) and on
+the model (whose output carries `lm_loss`, `aux_loss`, `z_loss`). The hooks add to a few tensors with whole-tensor
+operations (a `bincount` and a sum per layer, no Python loop over experts), only for training-mode forwards and not
+for the forwards that activation checkpointing re-runs during backward. Under DDP/FSDP the statistics are summed
+over ranks at logging time (one `all_reduce`), so every rank logs and decides the same.
+
+To let reporting integrations (TensorBoard, W&B, ...) see the values, the callback has to run before them: use
+`DefaultMoeCallback().install(trainer)` rather than `callbacks=[...]`. The values always go to
+`trainer.state.log_history`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import torch
+from transformers import TrainerCallback
+from transformers.trainer_callback import DefaultFlowCallback
+
+logger = logging.getLogger(__name__)
+
+
+def _in_backward_recompute() -> bool:
+    return torch._C._current_graph_task_id() != -1
+
+
+def moe_blocks(model: torch.nn.Module) -> list[tuple[int, torch.nn.Module]]:
+    """(layer index, MoE block) for every Default MoE block in `model` (wrapped or not), in layer order."""
+    blocks = []
+    for name, module in model.named_modules():
+        if hasattr(module, "gate") and hasattr(module, "default_outputs") and hasattr(module, "experts"):
+            parts = name.split(".")
+            layer = next((int(p) for p in reversed(parts) if p.isdigit()), len(blocks))
+            blocks.append((layer, module))
+    return blocks
+
+
+def _causal_lm(model: torch.nn.Module) -> torch.nn.Module | None:
+    for module in model.modules():
+        if type(module).__name__.endswith("ForCausalLM") and hasattr(module, "config"):
+            return module
+    return None
+
+
+class DefaultMoeCallback(TrainerCallback):
+    """Logs Default MoE router statistics and losses, plots them at the end, warns on router collapse.
+
+    Args:
+        output_dir: where the PNGs go (default: the Trainer's `output_dir`); `plots=False` writes none.
+        collapse_threshold: an expert is starved in a window when its share < collapse_threshold / num_experts.
+        collapse_patience: number of consecutive starved logging windows before the warning.
+        max_logged_experts: log per-expert shares only up to this many experts per layer (min/max always).
+    """
+
+    def __init__(
+        self,
+        output_dir: str | os.PathLike | None = None,
+        plots: bool = True,
+        collapse_threshold: float = 0.1,
+        collapse_patience: int = 3,
+        max_logged_experts: int = 16,
+    ):
+        if not 0 < collapse_threshold < 1:
+            raise ValueError(f"collapse_threshold={collapse_threshold} must be in (0, 1)")
+        if collapse_patience < 1:
+            raise ValueError(f"collapse_patience={collapse_patience} must be at least 1")
+        self.output_dir = None if output_dir is None else Path(output_dir)
+        self.plots = plots
+        self.collapse_threshold = collapse_threshold
+        self.collapse_patience = collapse_patience
+        self.max_logged_experts = max_logged_experts
+        self.history: list[dict] = []  # one entry per logging window: step, losses, shares (L, E)
+        self.collapse_warnings: list[tuple[int, int, int]] = []  # (step, layer, expert) when each warning fired
+        self.plot_files: list[Path] = []
+        self._handles = []
+        self._layers: list[int] = []
+        self._blocks: list[torch.nn.Module] = []
+
+    # ------------------------------------------------------------------------------------------------ set-up
+    def install(self, trainer) -> DefaultMoeCallback:
+        """Add this callback to `trainer` right after its flow callback, so reporting integrations see the values."""
+        callbacks = trainer.callback_handler.callbacks
+        position = next((i + 1 for i, cb in enumerate(callbacks) if isinstance(cb, DefaultFlowCallback)), 0)
+        callbacks.insert(position, self)
+        return self
+
+    def _attach(self, model: torch.nn.Module) -> None:
+        self._detach()
+        found = moe_blocks(model)
+        if not found:
+            raise ValueError("DefaultMoeCallback: the model has no Default MoE layers to monitor")
+        self._layers = [layer for layer, _ in found]
+        self._blocks = [block for _, block in found]
+        num_experts = {block.gate.weight.shape[0] for block in self._blocks}
+        if len(num_experts) != 1:
+            raise ValueError(f"DefaultMoeCallback: MoE layers disagree on the number of experts: {num_experts}")
+        self.num_experts = num_experts.pop()
+        device = self._blocks[0].gate.weight.device
+        num_layers = len(self._blocks)
+        self._counts = torch.zeros(num_layers, self.num_experts, device=device, dtype=torch.float64)
+        self._entropy = torch.zeros(num_layers, device=device, dtype=torch.float64)  # sum over tokens
+        self._tokens = torch.zeros(num_layers, device=device, dtype=torch.float64)
+        self._losses = torch.zeros(4, device=device, dtype=torch.float64)  # lm, aux, z sums; number of forwards
+        self._run_counts = torch.zeros(num_layers, self.num_experts, dtype=torch.float64)
+        self._starved_windows = torch.zeros(num_layers, self.num_experts, dtype=torch.long)
+        self._warned = torch.zeros(num_layers, self.num_experts, dtype=torch.bool)
+
+        for index, block in enumerate(self._blocks):
+            self._handles.append(block.gate.register_forward_hook(self._router_hook(index)))
+        lm = _causal_lm(model)
+        if lm is not None:
+            self._handles.append(lm.register_forward_hook(self._loss_hook))
+
+    def _detach(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+
+    def _router_hook(self, index: int):
+        def hook(module, inputs, output):
+            if not module.training or _in_backward_recompute():
+                return
+            with torch.no_grad():
+                probs_TE, top_k_index_TK = output[1], output[3]
+                self._counts[index] += torch.bincount(top_k_index_TK.reshape(-1), minlength=self.num_experts).to(
+                    self._counts
+                )
+                entropy_T = -(probs_TE * probs_TE.clamp_min(torch.finfo(probs_TE.dtype).tiny).log()).sum(-1)
+                self._entropy[index] += entropy_T.sum().double()
+                self._tokens[index] += probs_TE.shape[0]
+
+        return hook
+
+    def _loss_hook(self, module, inputs, output):
+        if not module.training or _in_backward_recompute():
+            return
+        parts = [getattr(output, name, None) for name in ("lm_loss", "aux_loss", "z_loss")]
+        if parts[0] is None:  # no labels: nothing to log
+            return
+        with torch.no_grad():
+            for slot, value in enumerate(parts):
+                if value is not None:
+                    self._losses[slot] += value.detach().double()
+            self._losses[3] += 1
+
+    # ---------------------------------------------------------------------------------------------- events
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        if model is None:
+            raise ValueError("DefaultMoeCallback needs the Trainer to pass the model to its callbacks")
+        self._attach(model)
+        if self.output_dir is None:
+            self.output_dir = Path(args.output_dir)
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if not self._blocks or logs is None:
+            return
+        window = self._collect()
+        if window is None:
+            return
+        window["step"] = state.global_step
+        self.history.append(window)
+        values = self._log_values(window)
+        logs.update(values)
+        if state.log_history and state.log_history[-1].get("step") == state.global_step:
+            state.log_history[-1].update(values)
+        self._check_collapse(window, state)
+
+    def on_train_end(self, args, state, control, **kwargs):
+        self._detach()
+        if self.plots and state.is_world_process_zero and self.history:
+            self.plot_files = self.write_plots(self.output_dir)
+
+    # ----------------------------------------------------------------------------------------------- logic
+    def _collect(self) -> dict | None:
+        """The statistics of the window since the last log, summed over ranks; None if no training forward ran."""
+        flat = torch.cat([self._losses, self._counts.flatten(), self._entropy, self._tokens])
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            if torch.distributed.get_backend() == "nccl":
+                flat = flat.to(torch.device("cuda", torch.cuda.current_device()))
+            torch.distributed.all_reduce(flat)
+        flat = flat.cpu()
+        for tensor in (self._losses, self._counts, self._entropy, self._tokens):
+            tensor.zero_()
+        losses, rest = flat[:4], flat[4:]
+        num_layers = len(self._blocks)
+        counts = rest[: num_layers * self.num_experts].view(num_layers, self.num_experts)
+        entropy, tokens = rest[num_layers * self.num_experts :].split(num_layers)
+        if tokens.sum() == 0:
+            return None
+        self._run_counts += counts
+        forwards = max(losses[3].item(), 1.0)
+        window = {
+            "shares": (counts / counts.sum(-1, keepdim=True).clamp_min(1.0)).tolist(),
+            "entropy": (entropy / tokens.clamp_min(1.0)).tolist(),
+            "ema_norm": [block.default_outputs.ema.float().norm(dim=-1).mean().item() for block in self._blocks],
+        }
+        if losses[3] > 0:
+            window.update(
+                lm_loss=losses[0].item() / forwards,
+                aux_loss=losses[1].item() / forwards,
+                z_loss=losses[2].item() / forwards,
+            )
+        return window
+
+    def _log_values(self, window: dict) -> dict[str, float]:
+        values = {f"moe/{name}": window[name] for name in ("lm_loss", "aux_loss", "z_loss") if name in window}
+        for layer, shares, entropy, ema_norm in zip(
+            self._layers, window["shares"], window["entropy"], window["ema_norm"], strict=True
+        ):
+            prefix = f"moe/layer{layer}"
+            values[f"{prefix}/load_min"] = min(shares) * self.num_experts
+            values[f"{prefix}/load_max"] = max(shares) * self.num_experts
+            values[f"{prefix}/router_entropy"] = entropy
+            values[f"{prefix}/ema_norm"] = ema_norm
+            if self.num_experts <= self.max_logged_experts:
+                for expert, share in enumerate(shares):
+                    values[f"{prefix}/expert{expert}"] = share
+        return values
+
+    def _check_collapse(self, window: dict, state) -> None:
+        shares = torch.tensor(window["shares"], dtype=torch.float64)
+        starved = shares < self.collapse_threshold / self.num_experts
+        self._starved_windows = torch.where(starved, self._starved_windows + 1, 0)
+        fire = (self._starved_windows >= self.collapse_patience) & ~self._warned
+        self._warned |= fire
+        for index, expert in fire.nonzero().tolist():
+            layer = self._layers[index]
+            self.collapse_warnings.append((state.global_step, layer, expert))
+            if state.is_world_process_zero:
+                logger.warning(
+                    "Router collapse: layer %d expert %d got %.2f%% of the routed tokens (uniform share %.2f%%) "
+                    "for %d logging windows in a row (step %d).",
+                    layer,
+                    expert,
+                    100 * shares[index, expert].item(),
+                    100 / self.num_experts,
+                    self._starved_windows[index, expert].item(),
+                    state.global_step,
+                )
+
+    # ----------------------------------------------------------------------------------------------- plots
+    def expert_load(self) -> torch.Tensor:
+        """(MoE layers, experts) share of the routed pairs over the whole run, times num_experts (1.0 = balanced)."""
+        return self._run_counts / self._run_counts.sum(-1, keepdim=True).clamp_min(1.0) * self.num_experts
+
+    def write_plots(self, output_dir: str | os.PathLike) -> list[Path]:
+        import matplotlib
+
+        matplotlib.use("Agg", force=False)
+        import matplotlib.pyplot as plt
+
+        output_dir = Path(output_dir)
+        output_dir.mkdir(parents=True, exist_ok=True)
+        written = []
+
+        steps = [w["step"] for w in self.history if "lm_loss" in w]
+        fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
+        for axis, name, title in zip(
+            axes, ("lm_loss", "aux_loss", "z_loss"), ("LM loss", "load-balancing loss", "z-loss"), strict=True
+        ):
+            axis.plot(steps, [w[name] for w in self.history if "lm_loss" in w], marker=".")
+            axis.set_title(title)
+            axis.set_xlabel("step")
+            axis.grid(alpha=0.3)
+        fig.tight_layout()
+        path = output_dir / "moe_loss_curves.png"
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        written.append(path)
+
+        load = self.expert_load().numpy()
+        fig, axis = plt.subplots(
+            figsize=(max(4.0, 0.45 * self.num_experts + 2), max(2.5, 0.4 * len(self._layers) + 1.5))
+        )
+        image = axis.imshow(load, aspect="auto", cmap="viridis", vmin=0.0, vmax=max(2.0, float(load.max())))
+        axis.set_xlabel("expert")
+        axis.set_ylabel("layer")
+        axis.set_yticks(range(len(self._layers)), [str(layer) for layer in self._layers])
+        if self.num_experts <= 32:
+            axis.set_xticks(range(self.num_experts))
+        axis.set_title("expert load (share x num_experts; 1 = balanced)")
+        fig.colorbar(image, ax=axis)
+        fig.tight_layout()
+        path = output_dir / "moe_expert_load.png"
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        written.append(path)
+        return written
+
+
+__all__ = ["DefaultMoeCallback", "moe_blocks"]
