@@ -182,3 +182,25 @@ def test_ema_buffers_are_not_counted_as_parameters():
     buffers = dict(model.named_buffers())
     assert any(name.endswith("default_outputs.ema") for name in buffers)
     assert count_parameters(model.config)["total"] == sum(p.numel() for p in model.parameters())
+
+
+def test_card_from_training_summary_alone(folder):
+    """The summary the training code writes supplies base model, relation and data; None values are left out."""
+    summary = {
+        "steps": 3,
+        "tokens": 96,
+        "final_losses": {"lm_loss": 3.5, "eval_loss": None},
+        "tokens_per_second": None,
+        "data": "built-in corpus (Python standard library)",
+        "base_model": "org/base",
+        "base_model_relation": "finetune",
+        "dataset": "org/data",
+    }
+    (folder / "training_summary.json").write_text(json.dumps(summary))
+    readme = write_model_card(folder, title="my-run").read_text()
+    metadata = _metadata(readme)
+    assert metadata["base_model"] == "org/base" and metadata["base_model_relation"] == "finetune"
+    assert metadata["datasets"] == ["org/data"]
+    assert "# my-run" in readme and "| Data | built-in corpus (Python standard library) |" in readme
+    assert "| Final lm loss | 3.5 |" in readme and "None" not in readme and "eval loss" not in readme
+    assert "| base_model_relation |" not in readme

@@ -176,19 +176,23 @@ _SUMMARY_LABELS = {
     "epochs": "Epochs",
     "learning_rate": "Learning rate",
     "train_runtime": "Training time (s)",
+    "tokens_per_second": "Throughput (tokens/s)",
+    "sequence_length": "Sequence length",
+    "world_size": "Processes",
+    "data": "Data",
 }
 
 
 def _summary_rows(summary: dict) -> list[tuple[str, object]]:
     rows, seen = [], set()
     for key, label in _SUMMARY_LABELS.items():
-        if key in summary and label not in seen:
+        if _is_plain(summary.get(key)) and label not in seen:
             seen.add(label)
             rows.append((label, summary[key]))
     losses = summary.get("final_losses")
     if isinstance(losses, dict):
-        rows += [(f"Final {name.replace('_', ' ')}", value) for name, value in losses.items()]
-    skip = set(_SUMMARY_LABELS) | {"final_losses", "datasets", "dataset", "base_model"}
+        rows += [(f"Final {name.replace('_', ' ')}", value) for name, value in losses.items() if _is_plain(value)]
+    skip = set(_SUMMARY_LABELS) | {"final_losses", "datasets", "dataset", "base_model", "base_model_relation"}
     rows += [(key, value) for key, value in summary.items() if key not in skip and _is_plain(value)]
     return rows
 
@@ -290,6 +294,7 @@ def build_model_card(
     # The training summary may name the base model and data itself; explicit arguments win.
     if summary:
         base_model = base_model or summary.get("base_model")
+        base_model_relation = base_model_relation or summary.get("base_model_relation")
         datasets = datasets or summary.get("datasets") or summary.get("dataset")
     if base_model_relation is not None:
         if base_model_relation not in BASE_MODEL_RELATIONS:
@@ -297,6 +302,8 @@ def build_model_card(
         if not base_model:
             raise ValueError("base_model_relation needs a base_model")
 
+    if isinstance(datasets, str):
+        datasets = [datasets]
     metadata = {}
     if base_model_relation:
         metadata["base_model_relation"] = base_model_relation
