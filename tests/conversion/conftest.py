@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+
 from conversion.sources import CLASSES, DENSE_SOURCES, MOE_SOURCES, Source, build_model, save_source
 
 

@@ -9,7 +9,6 @@ import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import pytest
 import torch
 import transformers
 from tokenizers import Regex, Tokenizer, models, pre_tokenizers
@@ -48,27 +47,49 @@ class Source:
 # name -> (model_type, config kwargs, layout, dtype, max_shard_size)
 MOE_SOURCES = {
     "mixtral-original-sharded-fp32": (
-        "mixtral", dict(num_local_experts=4, num_experts_per_tok=2, router_aux_loss_coef=0.02), "original", "fp32", "8KB"
+        "mixtral",
+        dict(num_local_experts=4, num_experts_per_tok=2, router_aux_loss_coef=0.02),
+        "original",
+        "fp32",
+        "8KB",
     ),
     "mixtral-fused-bf16-tied-sliding": (
         "mixtral",
-        dict(num_local_experts=4, num_experts_per_tok=2, tie_word_embeddings=True, sliding_window=4,
-             router_jitter_noise=0.1),
-        "fused", "bf16", None,
+        dict(
+            num_local_experts=4,
+            num_experts_per_tok=2,
+            tie_word_embeddings=True,
+            sliding_window=4,
+            router_jitter_noise=0.1,
+        ),
+        "fused",
+        "bf16",
+        None,
     ),
     "olmoe-original-sharded-fp32-clip": (
-        "olmoe", dict(num_experts=4, num_experts_per_tok=2, clip_qkv=0.3), "original", "fp32", "8KB"
+        "olmoe",
+        dict(num_experts=4, num_experts_per_tok=2, clip_qkv=0.3),
+        "original",
+        "fp32",
+        "8KB",
     ),
     "olmoe-fused-bf16-tied-bias-renorm": (
         "olmoe",
         dict(num_experts=4, num_experts_per_tok=3, tie_word_embeddings=True, attention_bias=True, norm_topk_prob=True),
-        "fused", "bf16", "20KB",
+        "fused",
+        "bf16",
+        "20KB",
     ),
 }
 
 DENSE_SOURCES = {
     "llama-sharded-fp32": ("llama", dict(), "fp32", "8KB"),
-    "llama-tied-bias-bf16": ("llama", dict(tie_word_embeddings=True, attention_bias=True, intermediate_size=48), "bf16", None),
+    "llama-tied-bias-bf16": (
+        "llama",
+        dict(tie_word_embeddings=True, attention_bias=True, intermediate_size=48),
+        "bf16",
+        None,
+    ),
     "mistral-sliding-fp32": ("mistral", dict(sliding_window=4), "fp32", None),
     "qwen2-tied-fp32": ("qwen2", dict(tie_word_embeddings=True), "fp32", "8KB"),
 }
@@ -85,9 +106,16 @@ CLASSES = {
 def build_model(model_type: str, seed: int, **kwargs):
     config_class, model_class = CLASSES[model_type]
     fields = dict(
-        vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=16 if model_type in ("mixtral", "olmoe") else 32,
-        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-        pad_token_id=0, bos_token_id=1, eos_token_id=2,
+        vocab_size=VOCAB,
+        hidden_size=HIDDEN,
+        intermediate_size=16 if model_type in ("mixtral", "olmoe") else 32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
     )
     config = config_class(**(fields | kwargs))
     torch.manual_seed(seed)

@@ -1,4 +1,4 @@
-"""Calibration warms the EMA defaults with exactly the per-expert mean outputs (checked against transformers' Mixtral)."""
+"""Calibration warms the EMA defaults to the per-expert mean outputs (checked against transformers' Mixtral)."""
 
 import json
 import os
@@ -6,10 +6,10 @@ import os
 import pytest
 import torch
 import torch.nn.functional as F
-from conversion.sources import copy_source, folder_digest, random_inputs
 from safetensors.torch import load_file
 from transformers import AutoTokenizer
 
+from conversion.sources import copy_source, folder_digest, random_inputs
 from default_moe import DefaultMoeConfig, DefaultMoeForCausalLM
 from default_moe.conversion import convert
 from default_moe.conversion.io import CheckpointReader
@@ -56,8 +56,17 @@ def test_calibration_sets_defaults_to_expert_means(sources, tmp_path):
     before = folder_digest(src)
     # beta=0 and after_use: one sequence, D = this batch's means, and the pass itself runs with zero defaults,
     # so the layer inputs are exactly what transformers' Mixtral computes.
-    dst = convert(src, tmp_path / "dst", calibration_data=TEXT, calibration_tokens=40, calibration_seq_len=40,
-                  ema_beta=0.0, ema_update="after_use", max_shard_size="16KB", progress=False)
+    dst = convert(
+        src,
+        tmp_path / "dst",
+        calibration_data=TEXT,
+        calibration_tokens=40,
+        calibration_seq_len=40,
+        ema_beta=0.0,
+        ema_update="after_use",
+        max_shard_size="16KB",
+        progress=False,
+    )
     assert folder_digest(src) == before
     ids = AutoTokenizer.from_pretrained(src)(open(TEXT).read(), add_special_tokens=False)["input_ids"][:40]
     expected = reference_defaults(source, src, ids)
@@ -79,10 +88,22 @@ def test_calibration_over_several_sequences_uses_the_ema(sources, tmp_path):
     """With beta > 0 and several sequences the defaults are a running average: nonzero, finite, and not equal to a
     single-sequence calibration."""
     source = sources[SOURCE]
-    one = convert(source.folder, tmp_path / "one", calibration_data=TEXT, calibration_tokens=32,
-                  calibration_seq_len=32, progress=False)
-    many = convert(source.folder, tmp_path / "many", calibration_data=TEXT, calibration_tokens=128,
-                   calibration_seq_len=32, progress=False)
+    one = convert(
+        source.folder,
+        tmp_path / "one",
+        calibration_data=TEXT,
+        calibration_tokens=32,
+        calibration_seq_len=32,
+        progress=False,
+    )
+    many = convert(
+        source.folder,
+        tmp_path / "many",
+        calibration_data=TEXT,
+        calibration_tokens=128,
+        calibration_seq_len=32,
+        progress=False,
+    )
     name = "model.layers.1.mlp.default_outputs.ema"
     a, b = CheckpointReader(one).read(name), CheckpointReader(many).read(name)
     assert torch.isfinite(b).all() and b.abs().sum() > 0 and not torch.equal(a, b)

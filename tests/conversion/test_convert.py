@@ -4,10 +4,10 @@ import json
 
 import pytest
 import torch
-from conversion.sources import MOE_SOURCES, folder_digest, random_inputs
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
+from conversion.sources import MOE_SOURCES, folder_digest, random_inputs
 from default_moe import DefaultMoeConfig, DefaultMoeForCausalLM
 from default_moe.conversion import convert, export
 from default_moe.conversion.io import CheckpointReader
@@ -22,8 +22,11 @@ def load_all(folder) -> dict[str, torch.Tensor]:
 
 
 def bitwise_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
-    return a.dtype == b.dtype and a.shape == b.shape and torch.equal(a.contiguous().view(torch.uint8),
-                                                                      b.contiguous().view(torch.uint8))
+    return (
+        a.dtype == b.dtype
+        and a.shape == b.shape
+        and torch.equal(a.contiguous().view(torch.uint8), b.contiguous().view(torch.uint8))
+    )
 
 
 @pytest.fixture(scope="module")
@@ -85,15 +88,16 @@ def test_output_folder(converted, name):
     assert ("lm_head.weight" in tensors) == (not cfg.tie_word_embeddings)
     for layer in range(cfg.num_hidden_layers):
         prefix = f"model.layers.{layer}.mlp"
-        E, H, I = cfg.num_experts, cfg.hidden_size, cfg.intermediate_size  # noqa: N806
-        assert tensors[f"{prefix}.experts.gate_up_proj"].shape == (E, 2 * I, H)
-        assert tensors[f"{prefix}.experts.down_proj"].shape == (E, H, I)
+        experts, hidden, width = cfg.num_experts, cfg.hidden_size, cfg.intermediate_size
+        assert tensors[f"{prefix}.experts.gate_up_proj"].shape == (experts, 2 * width, hidden)
+        assert tensors[f"{prefix}.experts.down_proj"].shape == (experts, hidden, width)
         ema = tensors[f"{prefix}.default_outputs.ema"]
-        assert ema.dtype == torch.float32 and ema.shape == (E, H) and not ema.any()
+        assert ema.dtype == torch.float32 and ema.shape == (experts, hidden) and not ema.any()
     # Tokenizer and generation config carried over; the card names the source.
-    assert AutoTokenizer.from_pretrained(dst)("hi!")["input_ids"] == AutoTokenizer.from_pretrained(source.folder)(
-        "hi!"
-    )["input_ids"]
+    assert (
+        AutoTokenizer.from_pretrained(dst)("hi!")["input_ids"]
+        == AutoTokenizer.from_pretrained(source.folder)("hi!")["input_ids"]
+    )
     assert GenerationConfig.from_pretrained(dst).to_dict() == GenerationConfig.from_pretrained(source.folder).to_dict()
     assert source.name in (dst / "README.md").read_text()
     # Loadable through the Auto classes from the folder alone (remote code path).
@@ -156,11 +160,22 @@ def test_dtype_option_and_single_file(converted, tmp_path):
 
 def test_routing_options_are_written(converted, tmp_path):
     source, _, _ = converted["olmoe-original-sharded-fp32-clip"]
-    dst = convert(source.folder, tmp_path / "out", routing="topk", ema_beta=0.5, ema_weighting="router_prob",
-                  ema_update="after_use", router_aux_loss_coef=0.03, progress=False)
+    dst = convert(
+        source.folder,
+        tmp_path / "out",
+        routing="topk",
+        ema_beta=0.5,
+        ema_weighting="router_prob",
+        ema_update="after_use",
+        router_aux_loss_coef=0.03,
+        progress=False,
+    )
     cfg = DefaultMoeConfig.from_pretrained(dst)
     assert (cfg.routing, cfg.default_ema_beta, cfg.default_ema_weighting, cfg.default_ema_update) == (
-        "topk", 0.5, "router_prob", "after_use"
+        "topk",
+        0.5,
+        "router_prob",
+        "after_use",
     )
     assert cfg.router_aux_loss_coef == 0.03
 

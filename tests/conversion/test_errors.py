@@ -7,8 +7,8 @@ import sys
 from pathlib import Path
 
 import pytest
-from conversion.sources import copy_source, folder_digest
 
+from conversion.sources import copy_source, folder_digest
 from default_moe.cli import main
 from default_moe.conversion import convert
 
@@ -57,11 +57,12 @@ def index_names_wrong_shard(folder: Path) -> None:
 
 
 def extra_tensor(folder: Path) -> None:
+    import torch
     from safetensors.torch import save_file
 
-    import torch
-
-    save_file({"model.layers.0.block_sparse_moe.experts.0.w1.weight_scale": torch.ones(1)}, folder / "extra.safetensors")
+    save_file(
+        {"model.layers.0.block_sparse_moe.experts.0.w1.weight_scale": torch.ones(1)}, folder / "extra.safetensors"
+    )
     index = json.loads((folder / "model.safetensors.index.json").read_text())
     index["weight_map"]["model.layers.0.block_sparse_moe.experts.0.w1.weight_scale"] = "extra.safetensors"
     (folder / "model.safetensors.index.json").write_text(json.dumps(index))
@@ -82,20 +83,41 @@ CASES = {
     "missing-shard": (lambda f: shards(f)[1].unlink(), [], "names shard model-00002-of-"),
     "missing-shard-no-index": (
         lambda f: [(f / "model.safetensors.index.json").unlink(), shards(f)[1].unlink()],
-        [], "shard model-00002-of-000",
+        [],
+        "shard model-00002-of-000",
     ),
-    "index-names-missing-file": (index_names_missing_file, [], "names shard model-00009-of-00009.safetensors, which is missing"),
+    "index-names-missing-file": (
+        index_names_missing_file,
+        [],
+        "names shard model-00009-of-00009.safetensors, which is missing",
+    ),
     "index-names-wrong-shard": (index_names_wrong_shard, [], "but that shard lacks it"),
-    "index-not-json": (lambda f: (f / "model.safetensors.index.json").write_text("nope"), [], "not a valid safetensors index"),
+    "index-not-json": (
+        lambda f: (f / "model.safetensors.index.json").write_text("nope"),
+        [],
+        "not a valid safetensors index",
+    ),
     "truncated-shard": (truncate, [], "is truncated"),
     "corrupt-header": (corrupt_header, [], "not a valid safetensors file"),
     "huge-header": (huge_header, [], "header length"),
     "shape-mismatch": (lambda f: set_config(f, intermediate_size=24), [], "config.json implies"),
-    "config-invalid-for-default-moe": (lambda f: set_config(f, num_experts_per_tok=9), [], "num_experts_per_tok=9 is invalid"),
-    "unexpected-tensor": (extra_tensor, [], "unexpected tensor model.layers.0.block_sparse_moe.experts.0.w1.weight_scale"),
+    "config-invalid-for-default-moe": (
+        lambda f: set_config(f, num_experts_per_tok=9),
+        [],
+        "num_experts_per_tok=9 is invalid",
+    ),
+    "unexpected-tensor": (
+        extra_tensor,
+        [],
+        "unexpected tensor model.layers.0.block_sparse_moe.experts.0.w1.weight_scale",
+    ),
     "pytorch-bin-only": (only_bin_weights, [], "no safetensors weights"),
     "upcycling-option-on-moe": (lambda f: None, ["--num-experts", "4"], "--num-experts only applies to upcycling"),
-    "wrong-from": (lambda f: None, ["--from", "olmoe"], "--from olmoe given, but SRC config.json has model_type 'mixtral'"),
+    "wrong-from": (
+        lambda f: None,
+        ["--from", "olmoe"],
+        "--from olmoe given, but SRC config.json has model_type 'mixtral'",
+    ),
     "bad-shard-size": (lambda f: None, ["--max-shard-size", "lots"], "cannot parse size 'lots'"),
     "calibration-file-missing": (lambda f: None, ["--calibration-data", "/nonexistent.txt"], "is not a file"),
 }
@@ -216,7 +238,10 @@ def test_real_subprocess(sources, tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "DEFAULT_MOE_DEBUG"}
     result = subprocess.run(
         [sys.executable, "-m", "default_moe.cli", "convert", str(src), str(dst)],
-        capture_output=True, text=True, env=env, timeout=120,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
     )
     assert result.returncode == 1
     assert result.stderr.strip().splitlines() == [

@@ -100,20 +100,66 @@ def test_plan_shards_and_sizes():
 def test_cli_convert_and_export_with_options(sources, tmp_path, capfd):
     src = sources["llama-sharded-fp32"].folder
     dst = tmp_path / "moe"
-    argv = ["convert", str(src), str(dst), "--from", "llama", "--num-experts", "4", "--top-k", "2",
-            "--granularity", "2", "--num-dense-layers", "1", "--norm-topk-prob", "true", "--seed", "3",
-            "--routing", "default", "--ema-beta", "0.8", "--ema-weighting", "router_prob", "--ema-update", "after_use",
-            "--router-aux-loss-coef", "0.05", "--dtype", "bfloat16", "--max-shard-size", "10KB"]
+    argv = [
+        "convert",
+        str(src),
+        str(dst),
+        "--from",
+        "llama",
+        "--num-experts",
+        "4",
+        "--top-k",
+        "2",
+        "--granularity",
+        "2",
+        "--num-dense-layers",
+        "1",
+        "--norm-topk-prob",
+        "true",
+        "--seed",
+        "3",
+        "--routing",
+        "default",
+        "--ema-beta",
+        "0.8",
+        "--ema-weighting",
+        "router_prob",
+        "--ema-update",
+        "after_use",
+        "--router-aux-loss-coef",
+        "0.05",
+        "--dtype",
+        "bfloat16",
+        "--max-shard-size",
+        "10KB",
+    ]
     assert main(argv) == 0
     out = capfd.readouterr()
     assert out.out.strip() == f"wrote {dst}"
     config = json.loads((dst / "config.json").read_text())
-    assert {k: config[k] for k in ("num_experts", "num_experts_per_tok", "intermediate_size", "num_dense_layers",
-                                   "default_ema_beta", "default_ema_weighting", "default_ema_update",
-                                   "router_aux_loss_coef", "dtype")} == {
-        "num_experts": 4, "num_experts_per_tok": 2, "intermediate_size": 16, "num_dense_layers": 1,
-        "default_ema_beta": 0.8, "default_ema_weighting": "router_prob", "default_ema_update": "after_use",
-        "router_aux_loss_coef": 0.05, "dtype": "bfloat16",
+    assert {
+        k: config[k]
+        for k in (
+            "num_experts",
+            "num_experts_per_tok",
+            "intermediate_size",
+            "num_dense_layers",
+            "default_ema_beta",
+            "default_ema_weighting",
+            "default_ema_update",
+            "router_aux_loss_coef",
+            "dtype",
+        )
+    } == {
+        "num_experts": 4,
+        "num_experts_per_tok": 2,
+        "intermediate_size": 16,
+        "num_dense_layers": 1,
+        "default_ema_beta": 0.8,
+        "default_ema_weighting": "router_prob",
+        "default_ema_update": "after_use",
+        "router_aux_loss_coef": 0.05,
+        "dtype": "bfloat16",
     }
     assert len(list(dst.glob("model-*.safetensors"))) > 1
     # Mixtral has no dense layers: export refuses with one line.

@@ -4,10 +4,10 @@ import json
 
 import pytest
 import torch
-from conversion.sources import build_model, folder_digest, random_inputs, save_source
 from safetensors.torch import load_file
 from transformers import MixtralForCausalLM
 
+from conversion.sources import build_model, folder_digest, random_inputs, save_source
 from default_moe import DefaultMoeConfig, DefaultMoeForCausalLM
 from default_moe.conversion import convert, export
 
@@ -16,7 +16,10 @@ CASES = {
     "llama-E4-K2-G1": ("llama-sharded-fp32", dict(num_experts=4, top_k=2, granularity=1)),
     "llama-E8-K4-G2-dense1": ("llama-sharded-fp32", dict(num_experts=8, top_k=4, granularity=2, num_dense_layers=1)),
     # G=3 scales down_proj by 3, exact in float32 but not in bfloat16: write float32 (see docs/conversion.md).
-    "llama-bf16-E6-K3-G3-to-fp32": ("llama-tied-bias-bf16", dict(num_experts=6, top_k=3, granularity=3, dtype="float32")),
+    "llama-bf16-E6-K3-G3-to-fp32": (
+        "llama-tied-bias-bf16",
+        dict(num_experts=6, top_k=3, granularity=3, dtype="float32"),
+    ),
     "llama-bf16-E4-K2-G2": ("llama-tied-bias-bf16", dict(num_experts=4, top_k=2, granularity=2)),
     "mistral-E4-K1-G1": ("mistral-sliding-fp32", dict(num_experts=4, top_k=1)),
     "qwen2-E8-K4-G4": ("qwen2-tied-fp32", dict(num_experts=8, top_k=4, granularity=4, seed=7)),
@@ -34,7 +37,11 @@ def test_upcycled_model_equals_dense_model_at_step_0(sources, tmp_path, case):
     cfg = DefaultMoeConfig.from_pretrained(dst)
     granularity = options.get("granularity", 1)
     dense_width = json.loads((source.folder / "config.json").read_text())["intermediate_size"]
-    assert (cfg.num_experts, cfg.num_experts_per_tok, cfg.norm_topk_prob) == (options["num_experts"], options["top_k"], True)
+    assert (cfg.num_experts, cfg.num_experts_per_tok, cfg.norm_topk_prob) == (
+        options["num_experts"],
+        options["top_k"],
+        True,
+    )
     assert cfg.intermediate_size * granularity == dense_width == cfg.dense_intermediate_size
     assert cfg.num_dense_layers == options.get("num_dense_layers", 0)
 
@@ -67,7 +74,10 @@ def test_expert_weights_follow_the_recipe(sources, tmp_path):
     width = 16
     for layer in range(2):
         gate, up, down = (dense[f"model.layers.{layer}.mlp.{n}_proj.weight"] for n in ("gate", "up", "down"))
-        gate_up, down_moe = moe[f"model.layers.{layer}.mlp.experts.gate_up_proj"], moe[f"model.layers.{layer}.mlp.experts.down_proj"]
+        gate_up, down_moe = (
+            moe[f"model.layers.{layer}.mlp.experts.gate_up_proj"],
+            moe[f"model.layers.{layer}.mlp.experts.down_proj"],
+        )
         for e in range(8):
             rows = slice((e % 2) * width, (e % 2 + 1) * width)
             assert torch.equal(gate_up[e, :width], gate[rows]) and torch.equal(gate_up[e, width:], up[rows])
@@ -122,8 +132,9 @@ def test_unsupported_dense_variants(tmp_path):
     import transformers
 
     olmo2 = transformers.Olmo2ForCausalLM(
-        transformers.Olmo2Config(vocab_size=128, hidden_size=32, intermediate_size=32, num_hidden_layers=1,
-                                 num_attention_heads=4)
+        transformers.Olmo2Config(
+            vocab_size=128, hidden_size=32, intermediate_size=32, num_hidden_layers=1, num_attention_heads=4
+        )
     )
     olmo2.save_pretrained(tmp_path / "olmo2")
     with pytest.raises(ValueError, match="OLMo-2 .*post-norm"):
@@ -137,4 +148,3 @@ def test_unsupported_dense_variants(tmp_path):
     with pytest.raises(ValueError, match="Qwen2 with sliding attention on some layers"):
         convert(tmp_path / "qwen_mixed", tmp_path / "out")
     assert not (tmp_path / "out").exists()
-

@@ -55,7 +55,9 @@ def resolve_source(src: str | Path) -> tuple[Path, str | None]:
         return Path(snapshot_download(repo_id=str(src), allow_patterns=HUB_FILES)), str(src)
     except Exception as error:  # offline, unknown repo, gated, ...
         reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise ConversionError(f"SRC {src} is not a local folder and fetching it from the Hub failed: {reason}") from error
+        raise ConversionError(
+            f"SRC {src} is not a local folder and fetching it from the Hub failed: {reason}"
+        ) from error
 
 
 def read_config_json(folder: Path) -> dict:
@@ -177,32 +179,46 @@ def convert(
     raw = read_config_json(src_path)
     model_type = raw["model_type"]
     if model_type not in SOURCE_TYPES:
-        raise ConversionError(f"unsupported model_type {model_type!r} in {src_path / 'config.json'}: expected one of {', '.join(SOURCE_TYPES)}")
+        raise ConversionError(
+            f"unsupported model_type {model_type!r} in {src_path / 'config.json'}: "
+            f"expected one of {', '.join(SOURCE_TYPES)}"
+        )
     if from_ != "auto" and from_ != model_type:
         raise ConversionError(f"--from {from_} given, but SRC config.json has model_type {model_type!r}")
     upcycle_options = {
-        "num_experts": num_experts, "top_k": top_k, "granularity": granularity,
-        "num_dense_layers": num_dense_layers, "norm_topk_prob": norm_topk_prob,
+        "num_experts": num_experts,
+        "top_k": top_k,
+        "granularity": granularity,
+        "num_dense_layers": num_dense_layers,
+        "norm_topk_prob": norm_topk_prob,
     }
     is_upcycle = model_type in upcycle.MODEL_TYPES
     if not is_upcycle:
         given = [name for name, value in upcycle_options.items() if value is not None]
         if given:
-            raise ConversionError(f"--{given[0].replace('_', '-')} only applies to upcycling dense models, not to {model_type}")
+            raise ConversionError(
+                f"--{given[0].replace('_', '-')} only applies to upcycling dense models, not to {model_type}"
+            )
 
     src_config = load_transformers_config(src_path, model_type)
     if is_upcycle:
         fields = upcycle.default_moe_fields(
-            src_config, model_type, num_experts=8 if num_experts is None else num_experts,
-            top_k=2 if top_k is None else top_k, granularity=1 if granularity is None else granularity,
+            src_config,
+            model_type,
+            num_experts=8 if num_experts is None else num_experts,
+            top_k=2 if top_k is None else top_k,
+            granularity=1 if granularity is None else granularity,
             num_dense_layers=0 if num_dense_layers is None else num_dense_layers,
             norm_topk_prob=True if norm_topk_prob is None else norm_topk_prob,
         )
     else:
         fields = MOE_SOURCES[model_type].default_moe_fields(src_config)
     overrides = {
-        "routing": routing, "default_ema_beta": ema_beta, "default_ema_weighting": ema_weighting,
-        "default_ema_update": ema_update, "router_aux_loss_coef": router_aux_loss_coef,
+        "routing": routing,
+        "default_ema_beta": ema_beta,
+        "default_ema_weighting": ema_weighting,
+        "default_ema_update": ema_update,
+        "router_aux_loss_coef": router_aux_loss_coef,
     }
     fields |= {key: value for key, value in overrides.items() if value is not None}
     if calibration_data is not None and fields.get("routing", "default") != "default":
@@ -274,7 +290,9 @@ def export(
     check_destination(src_path, dst, overwrite)
     raw = read_config_json(src_path)
     if raw["model_type"] != "default_moe":
-        raise ConversionError(f"SRC config.json has model_type {raw['model_type']!r}; export needs a default_moe checkpoint")
+        raise ConversionError(
+            f"SRC config.json has model_type {raw['model_type']!r}; export needs a default_moe checkpoint"
+        )
 
     from default_moe import DefaultMoeConfig
 

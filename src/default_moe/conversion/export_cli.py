@@ -15,7 +15,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from .api import export
 
-    out = export(args.src, args.dst, to=args.to, dtype=args.dtype, max_shard_size=args.max_shard_size,
-                 overwrite=args.overwrite, progress=args.progress)
+    out = export(
+        args.src,
+        args.dst,
+        to=args.to,
+        dtype=args.dtype,
+        max_shard_size=args.max_shard_size,
+        overwrite=args.overwrite,
+        progress=args.progress,
+    )
     print(f"wrote {out}")
     return 0

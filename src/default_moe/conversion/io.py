@@ -107,9 +107,7 @@ class SafetensorsFile:
             self.infos[name] = TensorInfo(self, name, dtype, shape, data_start + begin, data_start + end)
         data_len = max((end for _, end in spans), default=0)
         if data_start + data_len > size:
-            self._corrupt(
-                f"is truncated: its header needs {data_start + data_len} bytes but the file has {size}"
-            )
+            self._corrupt(f"is truncated: its header needs {data_start + data_len} bytes but the file has {size}")
         position = 0
         for begin, end in sorted(spans):
             if begin != position:
@@ -163,7 +161,9 @@ class CheckpointReader:
         else:
             paths = sorted(self.folder.glob("*.safetensors"))
             if not paths:
-                found = sorted(p.name for p in self.folder.glob("*.bin")) + sorted(p.name for p in self.folder.glob("*.pt*"))
+                found = sorted(p.name for p in self.folder.glob("*.bin")) + sorted(
+                    p.name for p in self.folder.glob("*.pt*")
+                )
                 hint = f" (found {found[0]}: convert it to safetensors first)" if found else ""
                 raise ConversionError(f"no safetensors weights in {self.folder}{hint}")
             _check_shard_series(paths)
@@ -172,7 +172,9 @@ class CheckpointReader:
                 shard = SafetensorsFile(path)
                 for name, info in shard.infos.items():
                     if name in self.infos:
-                        raise ConversionError(f"tensor {name} appears in both {self.infos[name].file.path.name} and {path.name}")
+                        raise ConversionError(
+                            f"tensor {name} appears in both {self.infos[name].file.path.name} and {path.name}"
+                        )
                     self.infos[name] = info
         self.files = files
 
@@ -259,14 +261,20 @@ def _header_bytes(shard: list[TensorPlan]) -> bytes:
     header: dict = {"__metadata__": {"format": "pt"}}
     offset = 0
     for plan in shard:
-        header[plan.name] = {"dtype": DTYPE_NAMES[plan.dtype], "shape": list(plan.shape), "data_offsets": [offset, offset + plan.nbytes]}
+        header[plan.name] = {
+            "dtype": DTYPE_NAMES[plan.dtype],
+            "shape": list(plan.shape),
+            "data_offsets": [offset, offset + plan.nbytes],
+        }
         offset += plan.nbytes
     encoded = json.dumps(header, separators=(",", ":")).encode()
     encoded += b" " * (-len(encoded) % 8)  # the data section starts 8-byte aligned, as safetensors writes it
     return struct.pack("<Q", len(encoded)) + encoded
 
 
-def write_checkpoint(folder: Path, plans: list[TensorPlan], max_shard_bytes: int, progress: Iterator | None = None) -> list[str]:
+def write_checkpoint(
+    folder: Path, plans: list[TensorPlan], max_shard_bytes: int, progress: Iterator | None = None
+) -> list[str]:
     """Write `plans` as (sharded) safetensors plus an index when there is more than one shard.
 
     Each tensor is produced by its `make()`, checked against the plan, written, and dropped before the next one.
@@ -312,7 +320,9 @@ def patch_tensor(folder: Path, name: str, tensor: torch.Tensor) -> None:
     file_name = json.loads(index_path.read_text())["weight_map"][name] if index_path.is_file() else SINGLE_NAME
     info = SafetensorsFile(folder / file_name).infos[name]
     if info.dtype != tensor.dtype or info.shape != tuple(tensor.shape):
-        raise ConversionError(f"internal error: cannot patch {name} {info.dtype} {info.shape} with {tensor.dtype} {tuple(tensor.shape)}")
+        raise ConversionError(
+            f"internal error: cannot patch {name} {info.dtype} {info.shape} with {tensor.dtype} {tuple(tensor.shape)}"
+        )
     with open(folder / file_name, "r+b") as handle:
         handle.seek(info.start)
         handle.write(memoryview(tensor.contiguous().reshape(-1).view(torch.uint8).numpy()))

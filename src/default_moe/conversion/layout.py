@@ -38,7 +38,12 @@ def attention_shapes(config) -> dict[str, tuple[int, ...]]:
         "o_proj.weight": (hidden, q_width),
     }
     if config.attention_bias:
-        shapes |= {"q_proj.bias": (q_width,), "k_proj.bias": (kv_width,), "v_proj.bias": (kv_width,), "o_proj.bias": (hidden,)}
+        shapes |= {
+            "q_proj.bias": (q_width,),
+            "k_proj.bias": (kv_width,),
+            "v_proj.bias": (kv_width,),
+            "o_proj.bias": (hidden,),
+        }
     if config.qk_norm:
         shapes |= {"q_norm.weight": (q_width,), "k_norm.weight": (kv_width,)}
     return shapes
@@ -123,7 +128,9 @@ class Layout:
         self._place(out, i, piece)
 
 
-def fuse_experts(builder: PlanBuilder, out_prefix: str, gate: list[str], up: list[str], down: list[str], config) -> None:
+def fuse_experts(
+    builder: PlanBuilder, out_prefix: str, gate: list[str], up: list[str], down: list[str], config
+) -> None:
     """Per-expert (I, H) gate/up and (H, I) down source tensors -> canonical fused `gate_up_proj`, `down_proj`."""
     num_experts, hidden, width = config.num_experts, config.hidden_size, config.intermediate_size
 
@@ -138,7 +145,9 @@ def fuse_experts(builder: PlanBuilder, out_prefix: str, gate: list[str], up: lis
         out[i] = piece
 
     builder.stack(
-        f"{out_prefix}.down_proj", [(name, (hidden, width)) for name in down], Layout((num_experts, hidden, width), place_down)
+        f"{out_prefix}.down_proj",
+        [(name, (hidden, width)) for name in down],
+        Layout((num_experts, hidden, width), place_down),
     )
 
 
@@ -185,7 +194,9 @@ def plan_decoder(builder: PlanBuilder, config, plan_mlp: Callable[[PlanBuilder, 
                 builder.new(name, dtype, shape, lambda shape=shape, dtype=dtype: torch.zeros(shape, dtype=dtype))
             else:
                 builder.copy(name, name, shape)
-        builder.copy(f"{prefix}.post_attention_layernorm.weight", f"{prefix}.post_attention_layernorm.weight", (hidden,))
+        builder.copy(
+            f"{prefix}.post_attention_layernorm.weight", f"{prefix}.post_attention_layernorm.weight", (hidden,)
+        )
         plan_mlp(builder, layer)
     builder.copy("model.norm.weight", "model.norm.weight", (hidden,))
     if not config.tie_word_embeddings:
@@ -204,12 +215,16 @@ def plan_moe_source_layer(
     """
     prefix = f"model.layers.{layer}"
     hidden, width, num_experts = config.hidden_size, config.intermediate_size, config.num_experts
-    router = next((f"{prefix}.{b}.gate.weight" for b in (block, "mlp") if builder.has(f"{prefix}.{b}.gate.weight")), None)
+    router = next(
+        (f"{prefix}.{b}.gate.weight" for b in (block, "mlp") if builder.has(f"{prefix}.{b}.gate.weight")), None
+    )
     builder.copy(f"{prefix}.mlp.gate.weight", router or f"{prefix}.{block}.gate.weight", (num_experts, hidden))
     for fused_block in dict.fromkeys(("mlp", block)):
         fused = f"{prefix}.{fused_block}.experts"
         if builder.has(f"{fused}.gate_up_proj") or builder.has(f"{fused}.down_proj"):
-            builder.copy(f"{prefix}.mlp.experts.gate_up_proj", f"{fused}.gate_up_proj", (num_experts, 2 * width, hidden))
+            builder.copy(
+                f"{prefix}.mlp.experts.gate_up_proj", f"{fused}.gate_up_proj", (num_experts, 2 * width, hidden)
+            )
             builder.copy(f"{prefix}.mlp.experts.down_proj", f"{fused}.down_proj", (num_experts, hidden, width))
             break
     else:
@@ -235,12 +250,16 @@ def plan_moe_export_layer(
         for name, info, rows in ((gate_name, gate_up, slice(0, width)), (up_name, gate_up, slice(width, 2 * width))):
             dtype = builder.out_dtype(info.dtype)
             builder.new(
-                f"{out}.{name}.weight", dtype, (width, hidden),
+                f"{out}.{name}.weight",
+                dtype,
+                (width, hidden),
                 lambda e=e, n=info.name, rows=rows, dtype=dtype: cache.get(n)[e, rows].to(dtype),
             )
         dtype = builder.out_dtype(down.dtype)
         builder.new(
-            f"{out}.{down_name}.weight", dtype, (hidden, width),
+            f"{out}.{down_name}.weight",
+            dtype,
+            (hidden, width),
             lambda e=e, n=down.name, dtype=dtype: cache.get(n)[e].to(dtype),
         )
 
@@ -275,10 +294,25 @@ def export_decoder_fields(config) -> dict:
     fields = {
         key: getattr(config, key)
         for key in (
-            "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
-            "hidden_act", "max_position_embeddings", "initializer_range", "rms_norm_eps", "use_cache",
-            "pad_token_id", "bos_token_id", "eos_token_id", "tie_word_embeddings", "rope_parameters",
-            "attention_dropout", "intermediate_size", "num_experts_per_tok", "output_router_logits",
+            "vocab_size",
+            "hidden_size",
+            "num_hidden_layers",
+            "num_attention_heads",
+            "num_key_value_heads",
+            "hidden_act",
+            "max_position_embeddings",
+            "initializer_range",
+            "rms_norm_eps",
+            "use_cache",
+            "pad_token_id",
+            "bos_token_id",
+            "eos_token_id",
+            "tie_word_embeddings",
+            "rope_parameters",
+            "attention_dropout",
+            "intermediate_size",
+            "num_experts_per_tok",
+            "output_router_logits",
         )
     }
     fields["rope_parameters"] = dict(config.rope_parameters) if config.rope_parameters else None

@@ -51,11 +51,17 @@ def export_config(config) -> MixtralConfig:
     require(not config.qk_norm, target, "Mixtral has no q/k norm (qk_norm=True here)")
     require(config.clip_qkv is None, target, "Mixtral has no clip_qkv")
     require(not config.attention_bias, target, "Mixtral has no attention bias")
-    require(config.num_dense_layers == 0, target, f"Mixtral has no dense layers (num_dense_layers={config.num_dense_layers})")
+    require(
+        config.num_dense_layers == 0,
+        target,
+        f"Mixtral has no dense layers (num_dense_layers={config.num_dense_layers})",
+    )
     fields = export_decoder_fields(config)
     fields["num_local_experts"] = config.num_experts
     return MixtralConfig(
-        **fields, head_dim=config.head_dim, sliding_window=config.sliding_window,
+        **fields,
+        head_dim=config.head_dim,
+        sliding_window=config.sliding_window,
         router_jitter_noise=config.router_jitter_noise,
     )
 

@@ -53,16 +53,22 @@ def export_config(config) -> OlmoeConfig:
     target = "OLMoE"
     require(config.qk_norm, target, "OLMoE always has q/k norms (qk_norm=False here)")
     require(config.sliding_window is None, target, "OLMoE has no sliding window")
-    require(config.num_dense_layers == 0, target, f"OLMoE has no dense layers (num_dense_layers={config.num_dense_layers})")
     require(
-        config.head_dim * config.num_attention_heads == config.hidden_size, target,
+        config.num_dense_layers == 0, target, f"OLMoE has no dense layers (num_dense_layers={config.num_dense_layers})"
+    )
+    require(
+        config.head_dim * config.num_attention_heads == config.hidden_size,
+        target,
         f"OLMoE's head_dim is hidden_size/num_attention_heads (head_dim={config.head_dim} here)",
     )
     if config.router_jitter_noise:
         logger.warning("OLMoE has no router jitter: router_jitter_noise=%s is dropped", config.router_jitter_noise)
     return OlmoeConfig(
-        **export_decoder_fields(config), attention_bias=config.attention_bias, clip_qkv=config.clip_qkv,
-        num_experts=config.num_experts, norm_topk_prob=config.norm_topk_prob,
+        **export_decoder_fields(config),
+        attention_bias=config.attention_bias,
+        clip_qkv=config.clip_qkv,
+        num_experts=config.num_experts,
+        norm_topk_prob=config.norm_topk_prob,
     )
 
 

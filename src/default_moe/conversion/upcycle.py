@@ -30,8 +30,9 @@ logger = logging.getLogger(__name__)
 MODEL_TYPES = ("llama", "mistral", "qwen2", "olmo2")
 
 
-def default_moe_fields(src, model_type: str, num_experts: int, top_k: int, granularity: int,
-                       num_dense_layers: int, norm_topk_prob: bool) -> dict:
+def default_moe_fields(
+    src, model_type: str, num_experts: int, top_k: int, granularity: int, num_dense_layers: int, norm_topk_prob: bool
+) -> dict:
     if model_type == "olmo2":
         raise ConversionError(
             "OLMo-2 normalises the attention and MLP *outputs* (post-norm blocks), which Default MoE's pre-norm "
@@ -61,7 +62,9 @@ def default_moe_fields(src, model_type: str, num_experts: int, top_k: int, granu
         elif layer_types == {"full_attention"}:
             sliding_window = None
         else:
-            raise ConversionError("Qwen2 with sliding attention on some layers only (max_window_layers) is not supported")
+            raise ConversionError(
+                "Qwen2 with sliding attention on some layers only (max_window_layers) is not supported"
+            )
     else:
         attention_bias = bool(getattr(src, "attention_bias", False))
         sliding_window = getattr(src, "sliding_window", None) if model_type == "mistral" else None
@@ -87,7 +90,8 @@ def plan(builder: PlanBuilder, config, model_type: str, granularity: int, seed: 
         if low_precision:
             logger.warning(
                 "granularity %d is not a power of two: scaling down_proj by it rounds in %s, so step 0 matches the "
-                "dense model only approximately (pass dtype=float32 for an exact match)", granularity,
+                "dense model only approximately (pass dtype=float32 for an exact match)",
+                granularity,
                 sorted(map(str, low_precision))[0],
             )
     hidden, dense_width = config.hidden_size, config.dense_intermediate_size
@@ -120,12 +124,17 @@ def plan(builder: PlanBuilder, config, model_type: str, granularity: int, seed: 
                 g = e % granularity
                 out[e] = piece[:, g * width : (g + 1) * width].float() * granularity
 
-        b.stack(f"{prefix}.experts.gate_up_proj", [(gate, (dense_width, hidden)), (up, (dense_width, hidden))],
-                Layout((num_experts, 2 * width, hidden), place_gate_up))
-        b.stack(f"{prefix}.experts.down_proj", [(down, (hidden, dense_width))],
-                Layout((num_experts, hidden, width), place_down))
+        b.stack(
+            f"{prefix}.experts.gate_up_proj",
+            [(gate, (dense_width, hidden)), (up, (dense_width, hidden))],
+            Layout((num_experts, 2 * width, hidden), place_gate_up),
+        )
+        b.stack(
+            f"{prefix}.experts.down_proj",
+            [(down, (hidden, dense_width))],
+            Layout((num_experts, hidden, width), place_down),
+        )
         ema_plan(b, layer, config)
 
     zero_fill = ("o_proj.bias",) if model_type == "qwen2" else ()
     plan_decoder(builder, config, plan_mlp, zero_fill=zero_fill)
-
