@@ -2,8 +2,6 @@
 
 import argparse
 
-import pytest
-
 from default_moe.training import cli as train_cli
 
 # Data and trainer flags of a run small enough for seconds on one CPU core (add a model: --preset micro).
@@ -13,12 +11,8 @@ TINY_RUN = [
 ]  # fmt: skip
 
 
-def train_args(*argv: str) -> argparse.Namespace:
+def train_args(*argv) -> argparse.Namespace:
+    """The namespace `default-moe train ARGV...` would run with."""
     parser = argparse.ArgumentParser()
     train_cli.add_arguments(parser)
     return parser.parse_args([str(a) for a in argv])
-
-
-@pytest.fixture
-def tiny_run():
-    return list(TINY_RUN)

@@ -216,14 +216,19 @@ def pack(texts: Sequence[str], tokenizer, seq_len: int, max_tokens: int | None =
         raise DataError("the tokenizer has no EOS token to separate documents")
     ids: list[int] = []
     budget = None if max_tokens is None else max(max_tokens, seq_len)
-    # Tokenise in chunks so that a token budget does not require tokenising the whole corpus.
-    for start in range(0, len(texts), 256):
-        batch = tokenizer(list(texts[start : start + 256]), add_special_tokens=False)["input_ids"]
-        for doc in batch:
+    position = 0
+    while position < len(texts) and (budget is None or len(ids) < budget):
+        # Tokenise in chunks; under a token budget, only about as much text as the budget needs.
+        chunk, chars = [], 0
+        wanted = None if budget is None else (budget - len(ids)) * 6 + 1000
+        while position < len(texts) and len(chunk) < 256 and (wanted is None or chars < wanted):
+            text = texts[position] if wanted is None else texts[position][: wanted - chars]
+            chunk.append(text)
+            chars += len(text)
+            position += 1
+        for doc in tokenizer(chunk, add_special_tokens=False)["input_ids"]:
             ids.extend(doc)
             ids.append(eos)
-        if budget is not None and len(ids) >= budget:
-            break
     if budget is not None:
         ids = ids[: budget - budget % seq_len]
     blocks = len(ids) // seq_len

@@ -1,0 +1,124 @@
+"""Trainer runs: resuming restores the EMA defaults exactly; presets, configs and the atomic final save."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import TrainerCallback
+
+from default_moe.training import cli as train_cli
+from default_moe.training import trainer as training
+from training.helpers import TINY_RUN, train_args
+
+
+class Crash(RuntimeError):
+    pass
+
+
+class CrashAfterCheckpoint(TrainerCallback):
+    """Simulates a killed job: dies right after the Trainer wrote checkpoint-`step`."""
+
+    def __init__(self, step):
+        self.step = step
+
+    def on_save(self, args, state, control, **kwargs):
+        if state.global_step == self.step:
+            raise Crash(f"killed after checkpoint-{self.step}")
+
+
+def _ema(model_dir):
+    weights = load_file(str(model_dir / "model.safetensors"))
+    return {k: v for k, v in weights.items() if k.endswith("default_outputs.ema")}, weights
+
+
+def _losses(log_history):
+    return {e["step"]: e["loss"] for e in log_history if "loss" in e}
+
+
+@pytest.mark.parametrize("grad_accum", [1, 2])
+def test_interrupted_run_plus_resume_equals_uninterrupted_run(tmp_path, grad_accum):
+    run = [*TINY_RUN, "--preset", "micro", "--max-steps", "6", "--save-steps", "3", "--grad-accum", grad_accum]
+    run += ["--lr", "3e-3", "--set", "default_ema_beta=0.5"]  # a fast-moving EMA makes a wrong restore visible
+    straight = train_cli.train(train_args(*run, "--output-dir", tmp_path / "a"))
+
+    with pytest.raises(Crash):
+        train_cli.train(train_args(*run, "--output-dir", tmp_path / "b"), callbacks=[CrashAfterCheckpoint(3)])
+    assert (tmp_path / "b" / "checkpoint-3").is_dir() and not (tmp_path / "b" / "final").exists()
+    # The Trainer checkpoint holds the EMA defaults (persistent buffers are in the state dict), already trained.
+    ema_at_3, _ = _ema(tmp_path / "b" / "checkpoint-3")
+    assert len(ema_at_3) == 2 and all(v.abs().sum() > 0 for v in ema_at_3.values())
+
+    resumed = train_cli.train(train_args(*run, "--output-dir", tmp_path / "b", "--resume"))
+    assert resumed.summary["steps"] == straight.summary["steps"] == 6
+
+    # Same per-step training losses after the restart, same final EMA, weights and validation loss. The runs do
+    # the same fp32 CPU operations in the same order on the same data (the Trainer replays the sampler and skips
+    # the batches already seen), so they agree to float32 rounding; the tolerance only absorbs that.
+    # (The resumed Trainer's history starts with the steps 1-3 restored from the checkpoint.)
+    assert sorted(_losses(straight.log_history)) == sorted(_losses(resumed.log_history)) == [1, 2, 3, 4, 5, 6]
+    assert _losses(resumed.log_history) == pytest.approx(_losses(straight.log_history), rel=1e-5)
+    ema_a, weights_a = _ema(tmp_path / "a" / "final")
+    ema_b, weights_b = _ema(tmp_path / "b" / "final")
+    for key in weights_a:
+        torch.testing.assert_close(weights_b[key], weights_a[key], rtol=1e-5, atol=1e-6, msg=key)
+    for key in ema_a:
+        torch.testing.assert_close(ema_b[key], ema_a[key], rtol=1e-5, atol=1e-6, msg=key)
+        assert not torch.allclose(ema_a[key], ema_at_3[key])  # it kept moving after step 3
+    losses_a, losses_b = straight.summary["final_losses"], resumed.summary["final_losses"]
+    assert losses_b["eval_loss"] == pytest.approx(losses_a["eval_loss"], rel=1e-5)
+
+
+def test_resume_with_wrong_ema_would_be_caught(tmp_path):
+    """The comparison above can fail: zeroing the EMA in the checkpoint before resuming changes the result."""
+    run = [*TINY_RUN, "--preset", "micro", "--max-steps", "4", "--save-steps", "2", "--lr", "3e-3"]
+    run += ["--set", "default_ema_beta=0.5"]
+    straight = train_cli.train(train_args(*run, "--output-dir", tmp_path / "a"))
+    with pytest.raises(Crash):
+        train_cli.train(train_args(*run, "--output-dir", tmp_path / "b"), callbacks=[CrashAfterCheckpoint(2)])
+    from safetensors.torch import save_file
+
+    path = tmp_path / "b" / "checkpoint-2" / "model.safetensors"
+    weights = load_file(str(path))
+    save_file({k: (v.zero_() if k.endswith(".ema") else v) for k, v in weights.items()}, str(path), {"format": "pt"})
+    resumed = train_cli.train(train_args(*run, "--output-dir", tmp_path / "b", "--resume"))
+    ema_a, _ = _ema(tmp_path / "a" / "final")
+    ema_b, _ = _ema(tmp_path / "b" / "final")
+    assert any(not torch.allclose(ema_a[k], ema_b[k], rtol=1e-5, atol=1e-6) for k in ema_a)
+    assert resumed.summary["steps"] == straight.summary["steps"]
+
+
+@pytest.mark.parametrize("preset", sorted(training.PRESETS))
+def test_presets_build_valid_configs(preset):
+    config = training.preset_config(preset, vocab_size=1000)
+    assert config.vocab_size == 1000 and config.num_experts_per_tok <= config.num_experts
+
+
+def test_config_file_and_overrides(tmp_path):
+    config = training.preset_config("micro", vocab_size=600)
+    config.save_pretrained(tmp_path)
+    built = training.build_config(config_file=str(tmp_path / "config.json"), overrides={"routing": "topk"})
+    assert built.routing == "topk" and built.hidden_size == config.hidden_size and built.vocab_size == 600
+    (tmp_path / "other.json").write_text(json.dumps({"model_type": "llama"}))
+    with pytest.raises(ValueError, match="not 'default_moe'"):
+        training.build_config(config_file=str(tmp_path / "other.json"))
+    assert training.parse_overrides(["a=1", "b=x", "c=[1, 2]", "d=null"]) == {"a": 1, "b": "x", "c": [1, 2], "d": None}
+    with pytest.raises(ValueError, match="KEY=VALUE"):
+        training.parse_overrides(["novalue"])
+
+
+def test_save_final_is_atomic_and_replaces(tmp_path):
+    from default_moe.training.data import builtin_tokenizer
+
+    model = training.load_model("micro", vocab_size=512)
+    tokenizer = builtin_tokenizer(512)
+    final = training.save_final(model, tokenizer, tmp_path, {"steps": 1}, write_card=False)
+    assert json.loads((final / "training_summary.json").read_text()) == {"steps": 1}
+    # A failing save leaves the previous final folder untouched and no temporary folder behind.
+    with pytest.raises(TypeError):
+        training.save_final(model, tokenizer, tmp_path, {"not json": object()}, write_card=False)
+    assert json.loads((final / "training_summary.json").read_text()) == {"steps": 1}
+    assert [p.name for p in tmp_path.iterdir()] == ["final"]
+    training.save_final(model, tokenizer, tmp_path, {"steps": 2}, write_card=False)
+    assert json.loads((final / "training_summary.json").read_text()) == {"steps": 2}
+    assert [p.name for p in tmp_path.iterdir()] == ["final"]
