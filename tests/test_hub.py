@@ -26,7 +26,7 @@ def checkpoint(tmp_path_factory):
     """A saved tiny checkpoint with tokenizer and warmed-up EMA, plus its reference logits and EMA."""
     folder = tmp_path_factory.mktemp("hub") / "ckpt"
     model = tiny_model(seed=1)
-    model.save_pretrained(folder)
+    model.save_pretrained(folder, max_shard_size="10KB")  # sharded, with model.safetensors.index.json
     tiny_tokenizer().save_pretrained(folder)
     with torch.no_grad():
         logits = model(INPUT_IDS).logits
@@ -80,7 +80,8 @@ def test_push_end_to_end(hub, checkpoint, tmp_path):
     dev = tiny.files("dev")
     local = {p.name for p in checkpoint.iterdir() if p.is_file()}
     assert set(dev) == local | {".gitattributes", "README.md"}
-    assert {"model.safetensors", "config.json", "tokenizer.json", *CODE_FILES} <= set(dev)
+    assert {"model.safetensors.index.json", "config.json", "tokenizer.json", *CODE_FILES} <= set(dev)
+    assert len([name for name in dev if name.endswith(".safetensors")]) > 1
     for name in local:
         assert dev[name] == (checkpoint / name).read_bytes(), name
     commits = [r for r in hub.requests if r.method == "POST" and "/commit/" in r.path]
@@ -181,11 +182,12 @@ def _break(folder, how):
     elif how == "no_config_file":
         (folder / "configuration_default_moe.py").unlink()
     elif how == "no_weights":
-        (folder / "model.safetensors").unlink()
+        for path in folder.glob("model*.safetensors*"):
+            path.unlink()
     elif how == "missing_shard":
-        (folder / "model.safetensors").rename(folder / "model-00001-of-00002.safetensors")
-        weight_map = {"a": "model-00001-of-00002.safetensors", "b": "model-00002-of-00002.safetensors"}
-        (folder / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+        shards = sorted(set(json.loads((folder / "model.safetensors.index.json").read_text())["weight_map"].values()))
+        assert len(shards) > 1
+        (folder / shards[-1]).unlink()
 
 
 BROKEN = {
@@ -195,7 +197,7 @@ BROKEN = {
     "no_modeling_file": "is missing modeling_default_moe.py",
     "no_config_file": "is missing configuration_default_moe.py",
     "no_weights": "has no weights",
-    "missing_shard": "is missing weight shard(s) model-00002-of-00002.safetensors",
+    "missing_shard": "is missing weight shard(s) model-0000",
 }
 
 
