@@ -2,9 +2,6 @@
 defaults travel with the adapter, reload in a fresh process is exact, and `merge_and_unload()` keeps the logits."""
 
 import json
-import os
-import subprocess
-import sys
 import textwrap
 
 import pytest
@@ -18,7 +15,7 @@ from transformers import AutoModelForCausalLM, Trainer, TrainingArguments
 
 from default_moe import DefaultMoeForCausalLM
 from default_moe.peft import lora_config
-from tiny_checkpoint import INPUT_IDS, ema_state, tiny_model
+from tiny_checkpoint import INPUT_IDS, ema_state, hub_env, run_clean, tiny_model
 
 
 @pytest.fixture(scope="module")
@@ -97,17 +94,18 @@ def test_lora_trainer_reload_and_merge(base_folder, tmp_path):
     with model.disable_adapter(), torch.no_grad():  # the frozen originals give the base model back exactly
         torch.testing.assert_close(model(input_ids=INPUT_IDS).logits, base_logits, rtol=0, atol=0)
 
-    # Fresh process: base + adapter, then merge_and_unload, then save and reload the merged model.
+    # Fresh process where default_moe is not importable (the model code comes from the checkpoint, as for a Hub
+    # user): base + adapter, then merge_and_unload, then save and reload the merged model.
     script = textwrap.dedent(f"""
         import torch
         from peft import PeftModel
         from transformers import AutoModelForCausalLM
-        import default_moe
         ids = torch.tensor({INPUT_IDS.tolist()})
         def ema(model):
             return {{str(i): l.mlp.default_outputs.ema.clone() for i, l in enumerate(model.model.layers) if l.is_moe}}
         out = {{}}
-        base = AutoModelForCausalLM.from_pretrained({str(base_folder)!r})
+        base = AutoModelForCausalLM.from_pretrained({str(base_folder)!r}, trust_remote_code=True)
+        assert type(base).__module__.startswith("transformers_modules"), type(base).__module__
         model = PeftModel.from_pretrained(base, {str(adapter)!r}).eval()
         with torch.no_grad():
             out["reloaded"] = {{"logits": model(input_ids=ids).logits, "ema": ema(model.get_base_model())}}
@@ -117,16 +115,12 @@ def test_lora_trainer_reload_and_merge(base_folder, tmp_path):
         with torch.no_grad():
             out["merged"] = {{"logits": merged(ids).logits, "ema": ema(merged)}}
         merged.save_pretrained("merged")
-        again = AutoModelForCausalLM.from_pretrained("merged").eval()
+        again = AutoModelForCausalLM.from_pretrained("merged", trust_remote_code=True).eval()
         with torch.no_grad():
             out["merged_reloaded"] = {{"logits": again(ids).logits, "ema": ema(again)}}
         torch.save(out, "reloaded.pt")
     """)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    result = subprocess.run(
-        [sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300
-    )
-    assert result.returncode == 0, result.stderr[-4000:]
+    run_clean(script, tmp_path, {**hub_env(None, tmp_path / "home"), "HF_HUB_OFFLINE": "1"})
     out = torch.load(tmp_path / "reloaded.pt")
     torch.testing.assert_close(out["reloaded"]["logits"], trained_logits, rtol=0, atol=0)
     for key in ("merged", "merged_reloaded"):
