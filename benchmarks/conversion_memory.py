@@ -4,6 +4,8 @@ Builds a sharded bfloat16 Mixtral checkpoint in the original per-expert Hub layo
 shard with the safetensors library, so this process never holds more than one shard), then runs the conversion and
 the export back in fresh subprocesses and reports each one's peak resident memory (`ru_maxrss`) next to the largest
 shard. The child also records its peak right after importing torch/transformers/default_moe, the "interpreter" floor.
+The source is built in its own subprocess too, so that this process stays small (a forked child's `ru_maxrss`
+starts from its parent's resident size; the children report their own `VmHWM` instead).
 
     python benchmarks/conversion_memory.py            # ~1.2 GB checkpoint, 300 MB shards
     python benchmarks/conversion_memory.py --quick    # ~40 MB, a few seconds
@@ -21,10 +23,15 @@ import time
 from pathlib import Path
 
 CHILD = r"""
-import json, resource, sys, time
+import json, sys, time
 import default_moe  # noqa: F401  (registers the classes, imports torch and transformers)
 from default_moe.conversion import convert, export
-floor_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+
+def high_water_kb():  # VmHWM: this process's own peak RSS (ru_maxrss would include the parent's at fork)
+    with open("/proc/self/status") as status:
+        return next(int(line.split()[1]) for line in status if line.startswith("VmHWM:"))
+
+floor_kb = high_water_kb()
 mode, src, dst, shard = sys.argv[1:5]
 start = time.perf_counter()
 if mode == "convert":
@@ -32,20 +39,27 @@ if mode == "convert":
 else:
     export(src, dst, to="mixtral", max_shard_size=shard, progress=False)
 seconds = time.perf_counter() - start
-print(json.dumps({"floor_kb": floor_kb, "peak_kb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
-                  "seconds": seconds}))
+print(json.dumps({"floor_kb": floor_kb, "peak_kb": high_water_kb(), "seconds": seconds}))
 """
 
 
-def build_source(folder: Path, layers: int, hidden: int, width: int, experts: int, vocab: int, shard_bytes: int) -> None:
+def build_source(
+    folder: Path, layers: int, hidden: int, width: int, experts: int, vocab: int, shard_bytes: int
+) -> None:
     import torch
     from safetensors.torch import save_file
     from transformers import MixtralConfig
 
     heads, kv_heads = hidden // 128, max(1, hidden // 512)
     config = MixtralConfig(
-        vocab_size=vocab, hidden_size=hidden, intermediate_size=width, num_hidden_layers=layers,
-        num_attention_heads=heads, num_key_value_heads=kv_heads, num_local_experts=experts, num_experts_per_tok=2,
+        vocab_size=vocab,
+        hidden_size=hidden,
+        intermediate_size=width,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        num_local_experts=experts,
+        num_experts_per_tok=2,
     )
     config.architectures = ["MixtralForCausalLM"]
     config.dtype = "bfloat16"
@@ -67,7 +81,11 @@ def build_source(folder: Path, layers: int, hidden: int, width: int, experts: in
         ]
         for e in range(experts):
             x = f"{p}.block_sparse_moe.experts.{e}"
-            shapes += [(f"{x}.w1.weight", (width, hidden)), (f"{x}.w2.weight", (hidden, width)), (f"{x}.w3.weight", (width, hidden))]
+            shapes += [
+                (f"{x}.w1.weight", (width, hidden)),
+                (f"{x}.w2.weight", (hidden, width)),
+                (f"{x}.w3.weight", (width, hidden)),
+            ]
     shapes += [("model.norm.weight", (hidden,)), ("lm_head.weight", (vocab, hidden))]
 
     shards: list[list[tuple[str, tuple[int, ...]]]] = [[]]
@@ -94,12 +112,14 @@ def build_source(folder: Path, layers: int, hidden: int, width: int, experts: in
 
 def run_child(mode: str, src: Path, dst: Path, shard: str) -> dict:
     before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-    result = subprocess.run([sys.executable, "-c", CHILD, mode, str(src), str(dst), shard], capture_output=True, text=True)
+    result = subprocess.run(
+        [sys.executable, "-c", CHILD, mode, str(src), str(dst), shard], capture_output=True, text=True
+    )
     if result.returncode:
         sys.exit(f"{mode} failed:\n{result.stderr}")
     stats = json.loads(result.stdout.strip().splitlines()[-1])
-    stats["children_peak_kb"] = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss  # independent cross-check
-    stats["children_peak_kb_before"] = before
+    stats["children_ru_maxrss_kb"] = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss  # cross-check
+    stats["children_ru_maxrss_kb_before"] = before
     return stats
 
 
@@ -113,7 +133,11 @@ def main() -> None:
     parser.add_argument("--layers", type=int, help="decoder layers (default 6, or 2 with --quick)")
     parser.add_argument("--workdir", help="where to build the checkpoints (default: a temporary folder)")
     parser.add_argument("--keep", action="store_true", help="keep the checkpoints")
+    parser.add_argument("--build", nargs=2, metavar=("DIR", "DIMS"), help=argparse.SUPPRESS)  # internal
     args = parser.parse_args()
+    if args.build:
+        build_source(Path(args.build[0]), **json.loads(args.build[1]))
+        return
     if args.quick:
         dims = dict(layers=args.layers or 2, hidden=512, width=896, experts=4, vocab=8000, shard_bytes=6_000_000)
         out_shard = "6MB"
@@ -125,7 +149,7 @@ def main() -> None:
     src, dst, back = root / "mixtral", root / "default_moe", root / "mixtral_again"
     try:
         start = time.perf_counter()
-        build_source(src, **dims)
+        subprocess.run([sys.executable, __file__, "--build", str(src), json.dumps(dims)], check=True)
         build_seconds = time.perf_counter() - start
         total = sum(p.stat().st_size for p in src.glob("*.safetensors"))
         convert_stats = run_child("convert", src, dst, out_shard)
@@ -146,6 +170,7 @@ def main() -> None:
                 "peak_above_floor_mb": round(peak - floor, 1),
                 "above_floor_per_largest_source_shard": round((peak - floor) / (largest_file(src) / mb), 2),
                 "seconds": round(stats["seconds"], 1),
+                "ru_maxrss_children_mb": round(stats["children_ru_maxrss_kb"] * 1024 / mb, 1),
             }
         print(json.dumps(report, indent=2))
     finally:

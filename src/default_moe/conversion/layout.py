@@ -16,7 +16,6 @@ Canonical layout (what `DefaultMoeForCausalLM` loads):
     lm_head.weight                                         (V, H), absent when tie_word_embeddings
 """
 
-from collections import OrderedDict
 from collections.abc import Callable
 
 import torch
@@ -157,21 +156,21 @@ def ema_plan(builder: PlanBuilder, layer: int, config) -> None:
 
 
 class TensorCache:
-    """Keeps the last few tensors read (export reads each fused tensor once per expert slice)."""
+    """Keeps the last tensor read: export slices each fused expert tensor once per expert."""
 
-    def __init__(self, reader: CheckpointReader, size: int = 2):
+    def __init__(self, reader: CheckpointReader):
         self.reader = reader
-        self.size = size
-        self.cache: OrderedDict[str, torch.Tensor] = OrderedDict()
+        self.name: str | None = None
+        self.tensor: torch.Tensor | None = None
 
-    def get(self, name: str) -> torch.Tensor:
-        if name in self.cache:
-            self.cache.move_to_end(name)
-            return self.cache[name]
-        while len(self.cache) >= self.size:
-            self.cache.popitem(last=False)
-        tensor = self.reader.read(name)
-        self.cache[name] = tensor
+    def get(self, name: str, release: bool = False) -> torch.Tensor:
+        """The tensor `name`, read once; `release=True` drops the cache's reference after this use."""
+        if self.name != name:
+            self.name, self.tensor = None, None  # free the previous tensor before reading the next one
+            self.name, self.tensor = name, self.reader.read(name)
+        tensor = self.tensor
+        if release:
+            self.name, self.tensor = None, None
         return tensor
 
 
@@ -245,22 +244,27 @@ def plan_moe_export_layer(
     down = builder.source(f"{prefix}.mlp.experts.down_proj", (num_experts, hidden, width))
     builder.mark_used(f"{prefix}.mlp.default_outputs.ema")  # defaults have no place in the original layout
     gate_name, up_name, down_name = per_expert
+    # All gate/up slices first, then all down slices: only one fused tensor is held at a time, and the last slice
+    # of each releases it (a view of it lives on until written).
     for e in range(num_experts):
-        out = f"{prefix}.{block}.experts.{e}"
-        for name, info, rows in ((gate_name, gate_up, slice(0, width)), (up_name, gate_up, slice(width, 2 * width))):
-            dtype = builder.out_dtype(info.dtype)
+        for name, rows in ((gate_name, slice(0, width)), (up_name, slice(width, 2 * width))):
+            dtype = builder.out_dtype(gate_up.dtype)
+            release = e == num_experts - 1 and name == up_name
             builder.new(
-                f"{out}.{name}.weight",
+                f"{prefix}.{block}.experts.{e}.{name}.weight",
                 dtype,
                 (width, hidden),
-                lambda e=e, n=info.name, rows=rows, dtype=dtype: cache.get(n)[e, rows].to(dtype),
+                lambda e=e, rows=rows, dtype=dtype, release=release: cache.get(gate_up.name, release)[e, rows].to(
+                    dtype
+                ),
             )
+    for e in range(num_experts):
         dtype = builder.out_dtype(down.dtype)
         builder.new(
-            f"{out}.{down_name}.weight",
+            f"{prefix}.{block}.experts.{e}.{down_name}.weight",
             dtype,
             (hidden, width),
-            lambda e=e, n=down.name, dtype=dtype: cache.get(n)[e].to(dtype),
+            lambda e=e, dtype=dtype, release=e == num_experts - 1: cache.get(down.name, release)[e].to(dtype),
         )
 
 
