@@ -1,11 +1,10 @@
 """Peak memory of `default-moe convert` (and `export`) on a synthetic Mixtral checkpoint of >= 1 GB.
 
 Builds a sharded bfloat16 Mixtral checkpoint in the original per-expert Hub layout (random weights, written shard by
-shard with the safetensors library, so this process never holds more than one shard), then runs the conversion and
-the export back in fresh subprocesses and reports each one's peak resident memory (`ru_maxrss`) next to the largest
-shard. The child also records its peak right after importing torch/transformers/default_moe, the "interpreter" floor.
-The source is built in its own subprocess too, so that this process stays small (a forked child's `ru_maxrss`
-starts from its parent's resident size; the children report their own `VmHWM` instead).
+shard with the safetensors library), then runs the conversion and the export back in fresh subprocesses. Each child
+reports its own peak resident memory (`VmHWM` from /proc/self/status; `ru_maxrss` would include the parent's size at
+fork) and its peak right after importing torch/transformers/default_moe, the "interpreter" floor; the report sets
+the difference against the largest shard. The source is built in a subprocess of its own.
 
     python benchmarks/conversion_memory.py            # ~1.2 GB checkpoint, 300 MB shards
     python benchmarks/conversion_memory.py --quick    # ~40 MB, a few seconds
@@ -14,7 +13,6 @@ starts from its parent's resident size; the children report their own `VmHWM` in
 import argparse
 import json
 import os
-import resource
 import shutil
 import subprocess
 import sys
@@ -111,15 +109,12 @@ def build_source(
 
 
 def run_child(mode: str, src: Path, dst: Path, shard: str) -> dict:
-    before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
     result = subprocess.run(
         [sys.executable, "-c", CHILD, mode, str(src), str(dst), shard], capture_output=True, text=True
     )
     if result.returncode:
         sys.exit(f"{mode} failed:\n{result.stderr}")
     stats = json.loads(result.stdout.strip().splitlines()[-1])
-    stats["children_ru_maxrss_kb"] = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss  # cross-check
-    stats["children_ru_maxrss_kb_before"] = before
     return stats
 
 
@@ -170,7 +165,6 @@ def main() -> None:
                 "peak_above_floor_mb": round(peak - floor, 1),
                 "above_floor_per_largest_source_shard": round((peak - floor) / (largest_file(src) / mb), 2),
                 "seconds": round(stats["seconds"], 1),
-                "ru_maxrss_children_mb": round(stats["children_ru_maxrss_kb"] * 1024 / mb, 1),
             }
         print(json.dumps(report, indent=2))
     finally:
