@@ -577,6 +577,7 @@ class DefaultMoeForCausalLM(DefaultMoePreTrainedModel, GenerationMixin):
         self.vocab_size = config.vocab_size
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.post_init()
+        self.add_model_tags(["default-moe", "moe"])  # tags for push_to_hub's generated card
 
     def forward(
         self,
