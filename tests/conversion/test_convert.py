@@ -148,7 +148,10 @@ def test_export_reproduces_source_bit_for_bit(converted, name, tmp_path):
 
 def test_dtype_option_and_single_file(converted, tmp_path):
     source, _, _ = converted["mixtral-original-sharded-fp32"]
-    dst = convert(source.folder, tmp_path / "bf16", dtype="bfloat16", progress=False)
+    dst = convert(
+        source.folder, tmp_path / "bf16", dtype="bfloat16", base_model="mistralai/Mixtral-8x7B-v0.1", progress=False
+    )
+    assert "base_model: mistralai/Mixtral-8x7B-v0.1" in (dst / "README.md").read_text()
     files = sorted(p.name for p in dst.glob("*.safetensors"))
     assert files == ["model.safetensors"] and not (dst / "model.safetensors.index.json").exists()
     reader = CheckpointReader(dst)

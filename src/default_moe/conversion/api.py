@@ -124,8 +124,8 @@ def _write_default_moe_config(folder: Path, config) -> None:
 
 
 def _progress(total: int, desc: str, show: bool | None):
-    bar = tqdm(total=total, desc=desc, unit="tensor", disable=None if show is None else not show)
-    return bar
+    """A tqdm bar over tensors; `show=None` shows it only on a terminal."""
+    return tqdm(total=total, desc=desc, unit="tensor", disable=None if show is None else not show)
 
 
 def convert(
