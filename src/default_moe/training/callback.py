@@ -2,7 +2,8 @@
 
 Add it to any Trainer: `Trainer(..., callbacks=[DefaultMoeCallback()])`. At every logging step it adds to the logs
 
-    moe/lm_loss, moe/aux_loss, moe/z_loss           mean over the training forwards since the last log
+    moe/lm_loss, moe/aux_loss, moe/z_loss           token-weighted means over the training forwards (all ranks)
+                                                    since the last log; aux and z are the unscaled layer means
     moe/layer{L}/load_min, load_max                 smallest/largest expert share x num_experts (1.0 = balanced)
     moe/layer{L}/expert{E}                          each expert's share of the routed (token, expert) pairs
     moe/layer{L}/router_entropy                     mean entropy (nats) of the router's softmax over all experts
@@ -117,7 +118,7 @@ class DefaultMoeCallback(TrainerCallback):
         self._counts = torch.zeros(num_layers, self.num_experts, device=device, dtype=torch.float64)
         self._entropy = torch.zeros(num_layers, device=device, dtype=torch.float64)  # sum over tokens
         self._tokens = torch.zeros(num_layers, device=device, dtype=torch.float64)
-        self._losses = torch.zeros(4, device=device, dtype=torch.float64)  # lm, aux, z sums; number of forwards
+        self._losses = torch.zeros(4, device=device, dtype=torch.float64)  # token-weighted lm, aux, z sums; tokens
         self._run_counts = torch.zeros(num_layers, self.num_experts, dtype=torch.float64)
         self._starved_windows = torch.zeros(num_layers, self.num_experts, dtype=torch.long)
         self._warned = torch.zeros(num_layers, self.num_experts, dtype=torch.bool)
@@ -126,7 +127,7 @@ class DefaultMoeCallback(TrainerCallback):
             self._handles.append(block.gate.register_forward_hook(self._router_hook(index)))
         lm = _causal_lm(model)
         if lm is not None:
-            self._handles.append(lm.register_forward_hook(self._loss_hook))
+            self._handles.append(lm.register_forward_hook(self._loss_hook, with_kwargs=True))
 
     def _detach(self) -> None:
         for handle in self._handles:
@@ -148,17 +149,34 @@ class DefaultMoeCallback(TrainerCallback):
 
         return hook
 
-    def _loss_hook(self, module, inputs, output):
+    def _loss_hook(self, module, args, kwargs, output):
         if not module.training or _in_backward_recompute():
             return
-        parts = [getattr(output, name, None) for name in ("lm_loss", "aux_loss", "z_loss")]
-        if parts[0] is None:  # no labels: nothing to log
+        lm_loss = getattr(output, "lm_loss", None)
+        if lm_loss is None:  # no labels: nothing to log
             return
         with torch.no_grad():
-            for slot, value in enumerate(parts):
+            # Weight each forward by its label tokens. Under Trainer's `num_items_in_batch` (the label tokens of the
+            # whole optimizer step, over accumulation steps and ranks), the model's LM loss is this micro-batch's
+            # token sum divided by that count; turn it back into the micro-batch's mean first.
+            labels = kwargs.get("labels")
+            tokens = (
+                labels[..., 1:].ne(-100).sum().double()
+                if labels is not None
+                else lm_loss.new_ones((), dtype=torch.float64)
+            )
+            lm_mean = lm_loss.detach().double()
+            num_items_in_batch = kwargs.get("num_items_in_batch")
+            if num_items_in_batch is not None and labels is not None:
+                lm_mean = (
+                    lm_mean * torch.as_tensor(num_items_in_batch, device=lm_mean.device).double() / tokens.clamp_min(1)
+                )
+            self._losses[0] += lm_mean * tokens
+            for slot, name in ((1, "aux_loss"), (2, "z_loss")):
+                value = getattr(output, name, None)
                 if value is not None:
-                    self._losses[slot] += value.detach().double()
-            self._losses[3] += 1
+                    self._losses[slot] += value.detach().double() * tokens
+            self._losses[3] += tokens
 
     # ---------------------------------------------------------------------------------------------- events
     def on_train_begin(self, args, state, control, model=None, **kwargs):
@@ -205,7 +223,7 @@ class DefaultMoeCallback(TrainerCallback):
         if tokens.sum() == 0:
             return None
         self._run_counts += counts
-        forwards = max(losses[3].item(), 1.0)
+        weight = max(losses[3].item(), 1.0)
         window = {
             "shares": (counts / counts.sum(-1, keepdim=True).clamp_min(1.0)).tolist(),
             "entropy": (entropy / tokens.clamp_min(1.0)).tolist(),
@@ -213,9 +231,9 @@ class DefaultMoeCallback(TrainerCallback):
         }
         if losses[3] > 0:
             window.update(
-                lm_loss=losses[0].item() / forwards,
-                aux_loss=losses[1].item() / forwards,
-                z_loss=losses[2].item() / forwards,
+                lm_loss=losses[0].item() / weight,
+                aux_loss=losses[1].item() / weight,
+                z_loss=losses[2].item() / weight,
             )
         return window
 

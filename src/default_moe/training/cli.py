@@ -134,9 +134,18 @@ def training_arguments(args: argparse.Namespace, evaluate: bool, output_dir: str
         report_to="none",
         # The model all-reduces its EMA statistics itself; broadcasting rank 0's buffers would only hide a bug.
         ddp_broadcast_buffers=False,
+        ddp_find_unused_parameters=False,  # every parameter takes part in every forward
         dataloader_num_workers=0,
         dataloader_pin_memory=torch.cuda.is_available(),
     )
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available():
+        if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true":
+            # accelerate 1.15 selects FSDP only for GPU-type devices; on CPU it would silently run DDP instead.
+            raise RuntimeError(
+                "FSDP through accelerate needs GPUs: on CPU accelerate 1.15 ignores the FSDP settings and would run "
+                "plain DDP; launch with --multi_gpu (no --use_fsdp) for CPU data parallelism"
+            )
+        values["use_cpu"] = True  # several processes on a machine without GPUs: CPU data parallel over gloo
     values.update(fixed)
     values.update(extra)
     try:
