@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import copy
 import csv
+import json
 import statistics
 import time
 from dataclasses import dataclass, field
@@ -105,6 +106,9 @@ def run_pair(
             save=routing == save_routing,
             summary_extra={"routing": routing, "seed": seed},
         )
+        if args.process_index == 0:
+            Path(args.output_dir).mkdir(parents=True, exist_ok=True)
+            (Path(args.output_dir) / "log_history.json").write_text(json.dumps(result.log_history, indent=1) + "\n")
         history = result.callback.history if result.callback else []
         eval_curve = [(e["step"], e["eval_loss"]) for e in result.log_history if "eval_loss" in e]
         train_curve = [(w["step"], w["lm_loss"]) for w in history if "lm_loss" in w]
