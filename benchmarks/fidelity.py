@@ -1,0 +1,96 @@
+"""Router-gradient fidelity (the paper's Figure 4): cosine similarity, per MoE layer, between the router gradient a
+layer receives and the "true" dense straight-through router gradient (DESIGN §2), for routing="topk" and "default".
+
+For each K: train a small Default MoE on the built-in corpus (bytes of the standard library's source files) so the
+EMA defaults are meaningful, then, on held-out batches and with identical weights, take the router-weight gradient
+of the LM loss (eval mode: no router losses, no EMA update, no dropout) under three forwards:
+  topk     - defaults off (the standard sparse layer; the router sees only its K selected experts)
+  default  - the EMA defaults for the unselected experts
+  dense_st - every expert computed, y = sum_{i in A} w_i E_i + sum_{i not in A} p_i E_i(x) for the router gradient
+and report cos(grad_variant, grad_dense_st) per layer, averaged over the batches.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+
+import torch
+from torch.nn import functional as F
+
+from .common import (
+    DenseStraightThroughBlock,
+    build_ours,
+    byte_corpus,
+    our_config,
+    sample_batches,
+)
+from default_moe.modeling_default_moe import DefaultMoeSparseMoeBlock
+
+
+def settings(quick: bool) -> dict:
+    if quick:
+        return dict(hidden=32, inter=32, layers=2, experts=8, ks=[1, 2], batch=2, seq=32, train_steps=3, eval_batches=1)
+    return dict(hidden=128, inter=256, layers=4, experts=8, ks=[1, 2, 4], batch=8, seq=256, train_steps=300,
+                eval_batches=4, lr=2e-3)
+
+
+def _log(msg: str) -> None:
+    print(f"[fidelity {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def _router_grads(model, batch: torch.Tensor) -> list[torch.Tensor]:
+    model.zero_grad(set_to_none=True)
+    model(input_ids=batch, labels=batch).loss.backward()
+    return [layer.mlp.gate.weight.grad.flatten().clone() for layer in model.model.layers if layer.is_moe]
+
+
+def _set_variant(model, variant: str) -> None:
+    for layer in model.model.layers:
+        if not layer.is_moe:
+            continue
+        block = layer.mlp
+        block.__class__ = DenseStraightThroughBlock if variant == "dense_st" else DefaultMoeSparseMoeBlock
+        block.config.routing = "topk" if variant == "topk" else "default"
+
+
+def run(quick: bool = False, log=_log) -> dict:
+    s = settings(quick)
+    train = byte_corpus(20_000 if quick else 3_000_000, "train")
+    valid = byte_corpus(20_000 if quick else 400_000, "validation")
+    out = {"settings": s, "by_k": {}}
+    for k in s["ks"]:
+        config = our_config(
+            hidden=s["hidden"], inter=s["inter"], layers=s["layers"], experts=s["experts"], top_k=k, vocab=256,
+            heads=4, norm_topk_prob=False, routing="default", max_pos=s["seq"],
+        )
+        model = build_ours(config, seed=k)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=s.get("lr", 1e-3), weight_decay=0.0)
+        model.train()
+        losses = []
+        for batch in sample_batches(train, s["batch"], s["seq"], s["train_steps"], seed=100 + k):
+            loss = model(input_ids=batch, labels=batch).loss
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            losses.append(float(loss.detach()))
+        model.eval()
+        cos = {"topk": [], "default": []}
+        for batch in sample_batches(valid, s["batch"], s["seq"], s["eval_batches"], seed=7):
+            grads = {}
+            for variant in ("dense_st", "topk", "default"):
+                _set_variant(model, variant)
+                grads[variant] = _router_grads(model, batch)
+            for variant in ("topk", "default"):
+                cos[variant].append(
+                    [float(F.cosine_similarity(g, d, dim=0)) for g, d in zip(grads[variant], grads["dense_st"])]
+                )
+        _set_variant(model, "default")
+        res = {"final_train_loss": sum(losses[-10:]) / len(losses[-10:])}
+        for variant, rows in cos.items():
+            per_layer = torch.tensor(rows)  # (batches, layers)
+            res[variant] = {"mean_per_layer": per_layer.mean(0).tolist(), "min_per_layer": per_layer.min(0).values.tolist()}
+        out["by_k"][str(k)] = res
+        log(f"K={k}: cos topk {[round(c, 3) for c in res['topk']['mean_per_layer']]}, "
+            f"default {[round(c, 3) for c in res['default']['mean_per_layer']]}")
+    return out

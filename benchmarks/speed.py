@@ -1,0 +1,366 @@
+"""Training-step speed and memory, MoE-layer overhead, scaling, and generation speed (CPU, fp32 and bf16).
+
+Every comparison runs its variants round-robin in one process (A B C, C B A, ...) and reports ratios of medians.
+All variants of one shape share the same weights (copied state dicts) and the same batch.
+
+Variants of a training step (forward + backward + AdamW step, loss incl. the load-balancing loss):
+  default  - our model, routing="default" (EMA defaults, dense router gradient)
+  topk     - our model, routing="topk" (the standard sparse top-K layer)
+  dense_st - our model with every MoE block computing *all* experts for the straight-through router gradient
+             (DenseMixer-style; benchmark-local subclass, see common.DenseStraightThroughBlock)
+  mixtral  - transformers' MixtralForCausalLM with the same weights and its fastest experts implementation
+  olmoe    - transformers' OlmoeForCausalLM, compared with our topk model in OLMoE form (qk_norm, no renormalisation)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+
+import torch
+
+from .common import (
+    build_ours,
+    build_peer,
+    interleaved_times,
+    make_dense_st,
+    median,
+    our_config,
+    train_step_fn,
+)
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def settings(quick: bool) -> dict:
+    if quick:
+        return dict(
+            hidden=64,
+            layers=2,
+            vocab=256,
+            heads=4,
+            batch=2,
+            seq=64,
+            shapes=[(8, 2, 64), (16, 4, 32)],
+            reps=2,
+            layer_reps=3,
+            scaling_experts=[4, 8],
+            scaling_batches=[1, 2],
+            gen_prompt=8,
+            gen_new=8,
+            gen_reps=2,
+            dtypes=["fp32", "bf16"],
+        )
+    return dict(
+        hidden=256,
+        layers=2,
+        vocab=1024,
+        heads=4,
+        batch=8,
+        seq=512,  # 4096 tokens per step
+        # (experts, top-k, expert width): constant active expert width K*I = 1024, as in fine-grained MoEs
+        shapes=[(8, 2, 512), (32, 4, 256), (64, 8, 128)],
+        reps=6,
+        layer_reps=15,
+        scaling_experts=[8, 16, 32, 64],
+        scaling_batches=[2, 4, 8, 16],
+        gen_prompt=32,
+        gen_new=64,
+        gen_reps=5,
+        dtypes=["fp32", "bf16"],
+    )
+
+
+def _models(s: dict, experts: int, top_k: int, inter: int, dtype, variants, seed: int = 0):
+    """Our model in the requested variants (same weights), plus transformers peers."""
+    shape = dict(hidden=s["hidden"], inter=inter, layers=s["layers"], experts=experts, top_k=top_k, vocab=s["vocab"])
+    shape["heads"] = s["heads"]
+    base = build_ours(our_config(**shape, routing="default"), seed=seed)
+    models = {}
+    for name in variants:
+        if name in ("default", "topk"):
+            model = build_ours(our_config(**shape, routing=name), seed=seed)
+            model.load_state_dict(base.state_dict())
+        elif name == "dense_st":
+            model = make_dense_st(build_ours(our_config(**shape, routing="topk"), seed=seed))
+            model.load_state_dict(base.state_dict())
+        elif name.startswith("mixtral_"):
+            model = build_peer("mixtral", base, name.split("_", 1)[1])
+        else:
+            raise ValueError(name)
+        models[name] = model.to(dtype)
+    return models
+
+
+def _olmoe_models(s: dict, experts: int, top_k: int, inter: int, dtype, impl: str, seed: int = 0):
+    shape = dict(hidden=s["hidden"], inter=inter, layers=s["layers"], experts=experts, top_k=top_k, vocab=s["vocab"])
+    shape.update(heads=s["heads"], qk_norm=True, norm_topk_prob=False)
+    ours = build_ours(our_config(**shape, routing="topk"), seed=seed)
+    default = build_ours(our_config(**shape, routing="default"), seed=seed)
+    default.load_state_dict(ours.state_dict())
+    return {"topk": ours.to(dtype), "default": default.to(dtype), f"olmoe_{impl}": build_peer("olmoe", ours, impl).to(dtype)}
+
+
+def _batch(s: dict, batch: int | None = None) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(1234)
+    return torch.randint(0, s["vocab"], (batch or s["batch"], s["seq"]), generator=gen)
+
+
+def _summarise(times: dict[str, list[float]], reference: str) -> dict:
+    ref = median(times[reference])
+    return {
+        name: {"median_s": median(t), "ratio_vs_" + reference: median(t) / ref, "times_s": [round(x, 4) for x in t]}
+        for name, t in times.items()
+    }
+
+
+def _log(msg: str) -> None:
+    print(f"[speed {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def peer_implementation(s: dict, experts: int, top_k: int, inter: int) -> dict:
+    """Pick transformers' fastest experts implementation for a training step (fp32) at this shape.
+
+    `batched_mm` gathers one (2I x H) weight matrix per (token, expert) pair: 4096 tokens x K x 2I x H x 4 bytes is
+    8.6 GB at (8, top-2, I=512, H=256), so it is excluded from training steps (it ran this machine out of memory).
+    """
+    impls = ["grouped_mm", "eager"]
+    models = _models(s, experts, top_k, inter, torch.float32, [f"mixtral_{i}" for i in impls])
+    batch = _batch(s)
+    times = interleaved_times({n: train_step_fn(m, batch) for n, m in models.items()}, reps=2)
+    best = min(impls, key=lambda i: median(times[f"mixtral_{i}"]))
+    return {"best": best, "times": _summarise(times, f"mixtral_{best}")}
+
+
+def training_steps(s: dict, log=_log) -> dict:
+    out = {}
+    for experts, top_k, inter in s["shapes"]:
+        key = f"E{experts}_K{top_k}_I{inter}"
+        choice = peer_implementation(s, experts, top_k, inter)
+        impl = choice["best"]
+        log(f"{key}: transformers' fastest experts implementation: {impl}")
+        out[key] = {"peer_implementation": choice}
+        for dtype_name in s["dtypes"]:
+            dtype = DTYPES[dtype_name]
+            batch = _batch(s)
+            models = _models(s, experts, top_k, inter, dtype, ["default", "topk", "dense_st", f"mixtral_{impl}"])
+            times = interleaved_times({n: train_step_fn(m, batch) for n, m in models.items()}, reps=s["reps"])
+            res = _summarise(times, "topk")
+            res["default_overhead"] = res["default"]["ratio_vs_topk"] - 1
+            res["topk_vs_mixtral"] = median(times["topk"]) / median(times[f"mixtral_{impl}"])
+            res["dense_st_over_default"] = median(times["dense_st"]) / median(times["default"])
+            del models
+            olmoe = _olmoe_models(s, experts, top_k, inter, dtype, impl)
+            otimes = interleaved_times({n: train_step_fn(m, batch) for n, m in olmoe.items()}, reps=s["reps"])
+            res["olmoe_form"] = _summarise(otimes, "topk")
+            res["olmoe_form"]["topk_vs_olmoe"] = median(otimes["topk"]) / median(otimes[f"olmoe_{impl}"])
+            res["olmoe_form"]["default_overhead"] = median(otimes["default"]) / median(otimes["topk"]) - 1
+            out[key][dtype_name] = res
+            log(
+                f"{key} {dtype_name}: default/topk {res['default']['ratio_vs_topk']:.3f}, "
+                f"topk/mixtral {res['topk_vs_mixtral']:.3f}, dense_st/default {res['dense_st_over_default']:.3f}, "
+                f"topk/olmoe {res['olmoe_form']['topk_vs_olmoe']:.3f}"
+            )
+    return out
+
+
+def moe_layer(s: dict, log=_log) -> dict:
+    """One MoE block alone (forward + backward, no optimizer): the Default MoE overhead without the rest of the model.
+
+    Less noisy than whole steps, and it is where the overhead lives."""
+    out = {}
+    for dtype_name in s["dtypes"]:
+        dtype = DTYPES[dtype_name]
+        for experts, top_k, inter in s["shapes"]:
+            models = _models(s, experts, top_k, inter, dtype, ["default", "topk", "dense_st"])
+            gen = torch.Generator().manual_seed(5)
+            x = torch.randn(s["batch"], s["seq"], s["hidden"], generator=gen).to(dtype)
+            fns = {}
+            for name, model in models.items():
+                block = model.model.layers[0].mlp.train()
+                # Warm the defaults so the Default path multiplies real (non-zero) vectors.
+                block.default_outputs.ema.normal_(0, 0.02, generator=gen)
+
+                def fn(block=block):
+                    xr = x.detach().requires_grad_(True)
+                    y, losses = block(xr, return_router_losses=True)
+                    (y.float().square().mean() + losses.sum()).backward()
+                    for p in block.parameters():
+                        p.grad = None
+
+                fns[name] = fn
+            times = interleaved_times(fns, reps=s["layer_reps"])
+            res = _summarise(times, "topk")
+            res["default_overhead"] = res["default"]["ratio_vs_topk"] - 1
+            out[f"E{experts}_K{top_k}_I{inter}_{dtype_name}"] = res
+            log(f"layer E{experts} K{top_k} {dtype_name}: default/topk {res['default']['ratio_vs_topk']:.3f}")
+    return out
+
+
+def scaling(s: dict, log=_log) -> dict:
+    """Step time vs number of experts (top-2, fixed expert width) and vs tokens per step (8 experts, top-2), fp32."""
+    out = {"experts": {}, "tokens": {}}
+    inter = s["shapes"][0][2]
+    batch = _batch(s)
+    for experts in s["scaling_experts"]:
+        models = _models(s, experts, 2, inter, torch.float32, ["default", "topk"])
+        times = interleaved_times({n: train_step_fn(m, batch) for n, m in models.items()}, reps=max(2, s["reps"] // 2))
+        out["experts"][str(experts)] = _summarise(times, "topk")
+        log(f"scaling E={experts}: topk {median(times['topk']):.2f}s default {median(times['default']):.2f}s")
+    models = _models(s, 8, 2, inter, torch.float32, ["default", "topk"])
+    for rows in s["scaling_batches"]:
+        batch = _batch(s, rows)
+        times = interleaved_times({n: train_step_fn(m, batch) for n, m in models.items()}, reps=max(2, s["reps"] // 2))
+        out["tokens"][str(rows * s["seq"])] = _summarise(times, "topk")
+        log(f"scaling tokens={rows * s['seq']}: topk {median(times['topk']):.2f}s default {median(times['default']):.2f}s")
+    return out
+
+
+def generation(s: dict, log=_log) -> dict:
+    """Greedy generation with KV cache, batch 1, fp32: new tokens per second, ours vs transformers' Mixtral."""
+    experts, top_k, inter = s["shapes"][0]
+    names = ["default", "topk", "mixtral_grouped_mm", "mixtral_batched_mm", "mixtral_eager"]
+    models = _models(s, experts, top_k, inter, torch.float32, names)
+    prompt = _batch(s, 1)[:, : s["gen_prompt"]]
+    new = s["gen_new"]
+    fns = {}
+    for name, model in models.items():
+        model.eval()
+        model.generation_config.pad_token_id = 0
+        model.generation_config.eos_token_id = None
+
+        def fn(model=model):
+            with torch.no_grad():
+                model.generate(prompt, max_new_tokens=new, min_new_tokens=new, do_sample=False)
+
+        fns[name] = fn
+    times = interleaved_times(fns, reps=s["gen_reps"])
+    res = _summarise(times, "topk")
+    for name in names:
+        res[name]["tokens_per_s"] = new / median(times[name])
+    best = min((n for n in names if n.startswith("mixtral")), key=lambda n: median(times[n]))
+    res["fastest_mixtral"] = best
+    res["default_vs_fastest_mixtral_tokens_per_s"] = res["default"]["tokens_per_s"] / res[best]["tokens_per_s"]
+    res["topk_vs_fastest_mixtral_tokens_per_s"] = res["topk"]["tokens_per_s"] / res[best]["tokens_per_s"]
+    log(f"generation: default {res['default']['tokens_per_s']:.1f} tok/s, {best} {res[best]['tokens_per_s']:.1f} tok/s")
+    return res
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Memory
+
+
+def saved_activation_bytes(model, batch: torch.Tensor) -> int:
+    """Bytes of the distinct tensor storages autograd saves for backward during one training forward.
+
+    This is the part of peak memory that a Default MoE layer could change (weights, gradients and optimizer state
+    are identical); counted exactly with `torch.autograd.graph.saved_tensors_hooks`, de-duplicated by storage."""
+    seen: dict[int, int] = {}
+
+    def pack(t):
+        storage = t.untyped_storage()
+        seen[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    model.train()
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = model(input_ids=batch, labels=batch).loss
+    del loss
+    return sum(seen.values())
+
+
+def activations(s: dict, log=_log) -> dict:
+    out = {}
+    batch = _batch(s)
+    for experts, top_k, inter in s["shapes"]:
+        for dtype_name in s["dtypes"]:
+            models = _models(s, experts, top_k, inter, DTYPES[dtype_name], ["default", "topk", "dense_st"])
+            res = {name: saved_activation_bytes(m, batch) for name, m in models.items()}
+            res["default_over_topk"] = res["default"] / res["topk"]
+            res["dense_st_over_topk"] = res["dense_st"] / res["topk"]
+            out[f"E{experts}_K{top_k}_I{inter}_{dtype_name}"] = res
+            log(f"saved activations E{experts} {dtype_name}: default/topk {res['default_over_topk']:.4f}")
+    return out
+
+
+def _peak_rss_worker(args: dict) -> dict:
+    """Runs in a fresh process: build one variant, then two training steps; report RSS before and peak."""
+    import resource
+
+    torch.set_num_threads(1)
+    s = args["settings"]
+    experts, top_k, inter = args["shape"]
+    variant = args["variant"]
+    models = _models(s, experts, top_k, inter, DTYPES[args["dtype"]], [variant])
+    model = models.pop(variant)
+    batch = _batch(s)
+    step = train_step_fn(model, batch)
+    rss_before = _current_rss()
+    peak_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    step()
+    step()
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    return {"rss_before_steps": rss_before, "peak_rss": peak, "peak_before_steps": peak_before}
+
+
+def _current_rss() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def peak_rss(s: dict, log=_log) -> dict:
+    """Peak resident memory of a training process (two steps), one fresh subprocess per variant.
+
+    glibc's malloc is told to serve every allocation above 64 KiB with mmap (MALLOC_MMAP_THRESHOLD_), so freed
+    tensors go back to the OS at once and the process' peak RSS (ru_maxrss) is the peak of live memory, not an
+    artefact of heap fragmentation. Torch's CPU allocator does not cache."""
+    out = {}
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", OMP_NUM_THREADS="1")
+    for experts, top_k, inter in s["shapes"]:
+        for dtype_name in s["dtypes"]:
+            res = {}
+            for variant in ["default", "topk", "dense_st"]:
+                args = {"settings": s, "shape": [experts, top_k, inter], "dtype": dtype_name, "variant": variant}
+                proc = subprocess.run(
+                    [sys.executable, "-m", "benchmarks.speed", json.dumps(args)],
+                    capture_output=True,
+                    text=True,
+                    env=env,
+                    check=True,
+                    cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                )
+                res[variant] = json.loads(proc.stdout.strip().splitlines()[-1])
+            for variant in ["default", "dense_st"]:
+                res[f"{variant}_over_topk_peak"] = res[variant]["peak_rss"] / res["topk"]["peak_rss"]
+                grow = res[variant]["peak_rss"] - res[variant]["rss_before_steps"]
+                res[f"{variant}_over_topk_step_growth"] = grow / (res["topk"]["peak_rss"] - res["topk"]["rss_before_steps"])
+            out[f"E{experts}_K{top_k}_I{inter}_{dtype_name}"] = res
+            log(f"peak RSS E{experts} {dtype_name}: default/topk {res['default_over_topk_peak']:.4f}")
+    return out
+
+
+def run(quick: bool = False, parts: tuple[str, ...] = ("layer", "steps", "memory", "scaling", "generation")) -> dict:
+    s = settings(quick)
+    res = {"settings": s}
+    if "layer" in parts:
+        res["moe_layer"] = moe_layer(s)
+    if "steps" in parts:
+        res["training_step"] = training_steps(s)
+    if "memory" in parts:
+        res["saved_activations"] = activations(s)
+        res["peak_rss"] = peak_rss(s)
+    if "scaling" in parts:
+        res["scaling"] = scaling(s)
+    if "generation" in parts:
+        res["generation"] = generation(s)
+    return res
+
+
+if __name__ == "__main__":
+    print(json.dumps(_peak_rss_worker(json.loads(sys.argv[1]))))
