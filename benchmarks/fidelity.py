@@ -18,6 +18,8 @@ import time
 import torch
 from torch.nn import functional as F
 
+from default_moe.modeling_default_moe import DefaultMoeSparseMoeBlock
+
 from .common import (
     DenseStraightThroughBlock,
     build_ours,
@@ -25,14 +27,23 @@ from .common import (
     our_config,
     sample_batches,
 )
-from default_moe.modeling_default_moe import DefaultMoeSparseMoeBlock
 
 
 def settings(quick: bool) -> dict:
     if quick:
         return dict(hidden=32, inter=32, layers=2, experts=8, ks=[1, 2], batch=2, seq=32, train_steps=3, eval_batches=1)
-    return dict(hidden=128, inter=256, layers=4, experts=8, ks=[1, 2, 4], batch=8, seq=256, train_steps=300,
-                eval_batches=4, lr=2e-3)
+    return dict(
+        hidden=128,
+        inter=256,
+        layers=4,
+        experts=8,
+        ks=[1, 2, 4],
+        batch=8,
+        seq=256,
+        train_steps=300,
+        eval_batches=4,
+        lr=2e-3,
+    )
 
 
 def _log(msg: str) -> None:
@@ -61,8 +72,16 @@ def run(quick: bool = False, log=_log) -> dict:
     out = {"settings": s, "by_k": {}}
     for k in s["ks"]:
         config = our_config(
-            hidden=s["hidden"], inter=s["inter"], layers=s["layers"], experts=s["experts"], top_k=k, vocab=256,
-            heads=4, norm_topk_prob=False, routing="default", max_pos=s["seq"],
+            hidden=s["hidden"],
+            inter=s["inter"],
+            layers=s["layers"],
+            experts=s["experts"],
+            top_k=k,
+            vocab=256,
+            heads=4,
+            norm_topk_prob=False,
+            routing="default",
+            max_pos=s["seq"],
         )
         model = build_ours(config, seed=k)
         optimizer = torch.optim.AdamW(model.parameters(), lr=s.get("lr", 1e-3), weight_decay=0.0)
@@ -89,8 +108,13 @@ def run(quick: bool = False, log=_log) -> dict:
         res = {"final_train_loss": sum(losses[-10:]) / len(losses[-10:])}
         for variant, rows in cos.items():
             per_layer = torch.tensor(rows)  # (batches, layers)
-            res[variant] = {"mean_per_layer": per_layer.mean(0).tolist(), "min_per_layer": per_layer.min(0).values.tolist()}
+            res[variant] = {
+                "mean_per_layer": per_layer.mean(0).tolist(),
+                "min_per_layer": per_layer.min(0).values.tolist(),
+            }
         out["by_k"][str(k)] = res
-        log(f"K={k}: cos topk {[round(c, 3) for c in res['topk']['mean_per_layer']]}, "
-            f"default {[round(c, 3) for c in res['default']['mean_per_layer']]}")
+        log(
+            f"K={k}: cos topk {[round(c, 3) for c in res['topk']['mean_per_layer']]}, "
+            f"default {[round(c, 3) for c in res['default']['mean_per_layer']]}"
+        )
     return out

@@ -31,6 +31,7 @@ from .common import (
     our_config,
     train_step_fn,
 )
+from .proposed_fixes import ema_fast_path
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
@@ -44,15 +45,18 @@ def settings(quick: bool) -> dict:
             heads=4,
             batch=2,
             seq=64,
+            bf16_batch=1,
             shapes=[(8, 2, 64), (16, 4, 32)],
-            reps=2,
-            layer_reps=3,
+            reps=1,
+            bf16_reps=1,
+            dense_reps=1,
+            layer_reps=2,
             scaling_experts=[4, 8],
             scaling_batches=[1, 2],
             gen_prompt=8,
-            gen_new=8,
-            gen_reps=2,
-            dtypes=["fp32", "bf16"],
+            gen_new=4,
+            gen_reps=1,
+            peak_rss=False,
         )
     return dict(
         hidden=256,
@@ -60,17 +64,20 @@ def settings(quick: bool) -> dict:
         vocab=1024,
         heads=4,
         batch=8,
-        seq=512,  # 4096 tokens per step
-        # (experts, top-k, expert width): constant active expert width K*I = 1024, as in fine-grained MoEs
-        shapes=[(8, 2, 512), (32, 4, 256), (64, 8, 128)],
-        reps=6,
-        layer_reps=15,
+        seq=512,  # 4096 tokens per step in fp32
+        bf16_batch=2,  # 1024 tokens per step in bf16: bf16 matmuls are ~45x slower than fp32 on this CPU
+        # (experts, top-k, expert width): constant active expert width K*I = 512, as in fine-grained MoEs
+        shapes=[(8, 2, 256), (32, 4, 128), (64, 8, 64)],
+        reps=5,
+        bf16_reps=2,
+        dense_reps=2,
+        layer_reps=12,
         scaling_experts=[8, 16, 32, 64],
         scaling_batches=[2, 4, 8, 16],
         gen_prompt=32,
-        gen_new=64,
+        gen_new=48,
         gen_reps=5,
-        dtypes=["fp32", "bf16"],
+        peak_rss=True,
     )
 
 
@@ -83,6 +90,9 @@ def _models(s: dict, experts: int, top_k: int, inter: int, dtype, variants, seed
     for name in variants:
         if name in ("default", "topk"):
             model = build_ours(our_config(**shape, routing=name), seed=seed)
+            model.load_state_dict(base.state_dict())
+        elif name == "default_fixed":
+            model = ema_fast_path.apply(build_ours(our_config(**shape, routing="default"), seed=seed))
             model.load_state_dict(base.state_dict())
         elif name == "dense_st":
             model = make_dense_st(build_ours(our_config(**shape, routing="topk"), seed=seed))
@@ -101,7 +111,8 @@ def _olmoe_models(s: dict, experts: int, top_k: int, inter: int, dtype, impl: st
     ours = build_ours(our_config(**shape, routing="topk"), seed=seed)
     default = build_ours(our_config(**shape, routing="default"), seed=seed)
     default.load_state_dict(ours.state_dict())
-    return {"topk": ours.to(dtype), "default": default.to(dtype), f"olmoe_{impl}": build_peer("olmoe", ours, impl).to(dtype)}
+    olmoe = build_peer("olmoe", ours, impl)
+    return {"topk": ours.to(dtype), "default": default.to(dtype), f"olmoe_{impl}": olmoe.to(dtype)}
 
 
 def _batch(s: dict, batch: int | None = None) -> torch.Tensor:
@@ -128,7 +139,7 @@ def peer_implementation(s: dict, experts: int, top_k: int, inter: int) -> dict:
     """Pick transformers' fastest experts implementation for a training step (fp32) at this shape.
 
     `batched_mm` gathers one (2I x H) weight matrix per (token, expert) pair: 4096 tokens x K x 2I x H x 4 bytes is
-    8.6 GB at (8, top-2, I=512, H=256), so it is excluded from training steps (it ran this machine out of memory).
+    8.6 GB at (8, top-2, I=512, H=256): it ran this machine out of memory, so it is excluded from training steps.
     """
     impls = ["grouped_mm", "eager"]
     models = _models(s, experts, top_k, inter, torch.float32, [f"mixtral_{i}" for i in impls])
@@ -138,35 +149,57 @@ def peer_implementation(s: dict, experts: int, top_k: int, inter: int) -> dict:
     return {"best": best, "times": _summarise(times, f"mixtral_{best}")}
 
 
+def _default_variants() -> list[str]:
+    """Our Default MoE as installed, plus the proposed EMA fast path while the installed model lacks it."""
+    return ["default"] if ema_fast_path.installed() else ["default", "default_fixed"]
+
+
+def _dtype_plan(s: dict) -> list[tuple[str, torch.dtype, int, int]]:
+    """(name, dtype, batch rows, repetitions) per dtype."""
+    return [("fp32", torch.float32, s["batch"], s["reps"]), ("bf16", torch.bfloat16, s["bf16_batch"], s["bf16_reps"])]
+
+
 def training_steps(s: dict, log=_log) -> dict:
     out = {}
     for experts, top_k, inter in s["shapes"]:
         key = f"E{experts}_K{top_k}_I{inter}"
         choice = peer_implementation(s, experts, top_k, inter)
         impl = choice["best"]
+        mixtral = f"mixtral_{impl}"
         log(f"{key}: transformers' fastest experts implementation: {impl}")
         out[key] = {"peer_implementation": choice}
-        for dtype_name in s["dtypes"]:
-            dtype = DTYPES[dtype_name]
-            batch = _batch(s)
-            models = _models(s, experts, top_k, inter, dtype, ["default", "topk", "dense_st", f"mixtral_{impl}"])
-            times = interleaved_times({n: train_step_fn(m, batch) for n, m in models.items()}, reps=s["reps"])
-            res = _summarise(times, "topk")
+        for dtype_name, dtype, rows, reps in _dtype_plan(s):
+            batch = _batch(s, rows)
+            names = [*_default_variants(), "topk", mixtral]
+            models = _models(s, experts, top_k, inter, dtype, names)
+            times = interleaved_times({n: train_step_fn(m, batch) for n, m in models.items()}, reps=reps)
+            res = {"tokens_per_step": batch.numel(), **_summarise(times, "topk")}
             res["default_overhead"] = res["default"]["ratio_vs_topk"] - 1
-            res["topk_vs_mixtral"] = median(times["topk"]) / median(times[f"mixtral_{impl}"])
-            res["dense_st_over_default"] = median(times["dense_st"]) / median(times["default"])
+            if "default_fixed" in res:
+                res["default_fixed_overhead"] = res["default_fixed"]["ratio_vs_topk"] - 1
+            res["topk_vs_mixtral"] = median(times["topk"]) / median(times[mixtral])
             del models
-            olmoe = _olmoe_models(s, experts, top_k, inter, dtype, impl)
-            otimes = interleaved_times({n: train_step_fn(m, batch) for n, m in olmoe.items()}, reps=s["reps"])
-            res["olmoe_form"] = _summarise(otimes, "topk")
-            res["olmoe_form"]["topk_vs_olmoe"] = median(otimes["topk"]) / median(otimes[f"olmoe_{impl}"])
-            res["olmoe_form"]["default_overhead"] = median(otimes["default"]) / median(otimes["topk"]) - 1
+            msg = f"{key} {dtype_name}: default/topk {res['default']['ratio_vs_topk']:.3f}"
+            if "default_fixed" in res:
+                msg += f", fixed/topk {res['default_fixed']['ratio_vs_topk']:.3f}"
+            msg += f", topk/mixtral {res['topk_vs_mixtral']:.3f}"
+            if dtype_name == "fp32":
+                # The dense straight-through variant costs E/K times the experts' FLOPs: fewer repetitions, fp32 only.
+                dense = _models(s, experts, top_k, inter, dtype, [_default_variants()[-1], "dense_st"])
+                dtimes = interleaved_times({n: train_step_fn(m, batch) for n, m in dense.items()}, s["dense_reps"])
+                res["dense_st"] = _summarise(dtimes, _default_variants()[-1])
+                res["dense_st_over_default"] = median(dtimes["dense_st"]) / median(dtimes[_default_variants()[-1]])
+                msg += f", dense_st/default {res['dense_st_over_default']:.2f}"
+                del dense
+                olmoe = _olmoe_models(s, experts, top_k, inter, dtype, impl)
+                otimes = interleaved_times({n: train_step_fn(m, batch) for n, m in olmoe.items()}, reps=reps)
+                res["olmoe_form"] = _summarise(otimes, "topk")
+                res["olmoe_form"]["topk_vs_olmoe"] = median(otimes["topk"]) / median(otimes[f"olmoe_{impl}"])
+                res["olmoe_form"]["default_overhead"] = median(otimes["default"]) / median(otimes["topk"]) - 1
+                msg += f", topk/olmoe {res['olmoe_form']['topk_vs_olmoe']:.3f}"
+                del olmoe
             out[key][dtype_name] = res
-            log(
-                f"{key} {dtype_name}: default/topk {res['default']['ratio_vs_topk']:.3f}, "
-                f"topk/mixtral {res['topk_vs_mixtral']:.3f}, dense_st/default {res['dense_st_over_default']:.3f}, "
-                f"topk/olmoe {res['olmoe_form']['topk_vs_olmoe']:.3f}"
-            )
+            log(msg)
     return out
 
 
@@ -175,19 +208,19 @@ def moe_layer(s: dict, log=_log) -> dict:
 
     Less noisy than whole steps, and it is where the overhead lives."""
     out = {}
-    for dtype_name in s["dtypes"]:
-        dtype = DTYPES[dtype_name]
+    for dtype_name, dtype, rows, _ in _dtype_plan(s):
+        layer_reps = s["layer_reps"] if dtype_name == "fp32" else max(1, s["layer_reps"] // 3)
         for experts, top_k, inter in s["shapes"]:
-            models = _models(s, experts, top_k, inter, dtype, ["default", "topk", "dense_st"])
+            models = _models(s, experts, top_k, inter, dtype, [*_default_variants(), "topk"])
             gen = torch.Generator().manual_seed(5)
-            x = torch.randn(s["batch"], s["seq"], s["hidden"], generator=gen).to(dtype)
+            x = torch.randn(rows, s["seq"], s["hidden"], generator=gen).to(dtype)
             fns = {}
             for name, model in models.items():
                 block = model.model.layers[0].mlp.train()
                 # Warm the defaults so the Default path multiplies real (non-zero) vectors.
                 block.default_outputs.ema.normal_(0, 0.02, generator=gen)
 
-                def fn(block=block):
+                def fn(block=block, x=x):
                     xr = x.detach().requires_grad_(True)
                     y, losses = block(xr, return_router_losses=True)
                     (y.float().square().mean() + losses.sum()).backward()
@@ -195,11 +228,15 @@ def moe_layer(s: dict, log=_log) -> dict:
                         p.grad = None
 
                 fns[name] = fn
-            times = interleaved_times(fns, reps=s["layer_reps"])
-            res = _summarise(times, "topk")
+            times = interleaved_times(fns, reps=layer_reps)
+            res = {"tokens": x.shape[0] * x.shape[1], **_summarise(times, "topk")}
             res["default_overhead"] = res["default"]["ratio_vs_topk"] - 1
+            msg = f"layer E{experts} K{top_k} {dtype_name}: default/topk {res['default']['ratio_vs_topk']:.3f}"
+            if "default_fixed" in res:
+                res["default_fixed_overhead"] = res["default_fixed"]["ratio_vs_topk"] - 1
+                msg += f", fixed/topk {res['default_fixed']['ratio_vs_topk']:.3f}"
             out[f"E{experts}_K{top_k}_I{inter}_{dtype_name}"] = res
-            log(f"layer E{experts} K{top_k} {dtype_name}: default/topk {res['default']['ratio_vs_topk']:.3f}")
+            log(msg)
     return out
 
 
@@ -210,15 +247,16 @@ def scaling(s: dict, log=_log) -> dict:
     batch = _batch(s)
     for experts in s["scaling_experts"]:
         models = _models(s, experts, 2, inter, torch.float32, ["default", "topk"])
-        times = interleaved_times({n: train_step_fn(m, batch) for n, m in models.items()}, reps=max(2, s["reps"] // 2))
+        times = interleaved_times({n: train_step_fn(m, batch) for n, m in models.items()}, reps=max(1, s["reps"] // 2))
         out["experts"][str(experts)] = _summarise(times, "topk")
         log(f"scaling E={experts}: topk {median(times['topk']):.2f}s default {median(times['default']):.2f}s")
     models = _models(s, 8, 2, inter, torch.float32, ["default", "topk"])
     for rows in s["scaling_batches"]:
         batch = _batch(s, rows)
-        times = interleaved_times({n: train_step_fn(m, batch) for n, m in models.items()}, reps=max(2, s["reps"] // 2))
+        times = interleaved_times({n: train_step_fn(m, batch) for n, m in models.items()}, reps=max(1, s["reps"] // 2))
         out["tokens"][str(rows * s["seq"])] = _summarise(times, "topk")
-        log(f"scaling tokens={rows * s['seq']}: topk {median(times['topk']):.2f}s default {median(times['default']):.2f}s")
+        med = {n: median(t) for n, t in times.items()}
+        log(f"scaling tokens={rows * s['seq']}: topk {med['topk']:.2f}s default {med['default']:.2f}s")
     return out
 
 
@@ -277,11 +315,10 @@ def saved_activation_bytes(model, batch: torch.Tensor) -> int:
 
 def activations(s: dict, log=_log) -> dict:
     out = {}
-    batch = _batch(s)
     for experts, top_k, inter in s["shapes"]:
-        for dtype_name in s["dtypes"]:
-            models = _models(s, experts, top_k, inter, DTYPES[dtype_name], ["default", "topk", "dense_st"])
-            res = {name: saved_activation_bytes(m, batch) for name, m in models.items()}
+        for dtype_name, dtype, rows, _ in _dtype_plan(s):
+            models = _models(s, experts, top_k, inter, dtype, ["default", "topk", "dense_st"])
+            res = {name: saved_activation_bytes(m, _batch(s, rows)) for name, m in models.items()}
             res["default_over_topk"] = res["default"] / res["topk"]
             res["dense_st_over_topk"] = res["dense_st"] / res["topk"]
             out[f"E{experts}_K{top_k}_I{inter}_{dtype_name}"] = res
@@ -315,37 +352,42 @@ def _current_rss() -> int:
 
 
 def peak_rss(s: dict, log=_log) -> dict:
-    """Peak resident memory of a training process (two steps), one fresh subprocess per variant.
+    """Peak resident memory of a training process (two fp32 steps), one fresh subprocess per variant.
 
     glibc's malloc is told to serve every allocation above 64 KiB with mmap (MALLOC_MMAP_THRESHOLD_), so freed
     tensors go back to the OS at once and the process' peak RSS (ru_maxrss) is the peak of live memory, not an
     artefact of heap fragmentation. Torch's CPU allocator does not cache."""
     out = {}
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", OMP_NUM_THREADS="1")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [root, env.get("PYTHONPATH")]))
     for experts, top_k, inter in s["shapes"]:
-        for dtype_name in s["dtypes"]:
-            res = {}
-            for variant in ["default", "topk", "dense_st"]:
-                args = {"settings": s, "shape": [experts, top_k, inter], "dtype": dtype_name, "variant": variant}
-                proc = subprocess.run(
-                    [sys.executable, "-m", "benchmarks.speed", json.dumps(args)],
-                    capture_output=True,
-                    text=True,
-                    env=env,
-                    check=True,
-                    cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                )
-                res[variant] = json.loads(proc.stdout.strip().splitlines()[-1])
-            for variant in ["default", "dense_st"]:
-                res[f"{variant}_over_topk_peak"] = res[variant]["peak_rss"] / res["topk"]["peak_rss"]
-                grow = res[variant]["peak_rss"] - res[variant]["rss_before_steps"]
-                res[f"{variant}_over_topk_step_growth"] = grow / (res["topk"]["peak_rss"] - res["topk"]["rss_before_steps"])
-            out[f"E{experts}_K{top_k}_I{inter}_{dtype_name}"] = res
-            log(f"peak RSS E{experts} {dtype_name}: default/topk {res['default_over_topk_peak']:.4f}")
+        res = {}
+        for variant in [*_default_variants(), "topk", "dense_st"]:
+            args = {"settings": s, "shape": [experts, top_k, inter], "dtype": "fp32", "variant": variant}
+            proc = subprocess.run(
+                [sys.executable, "-m", "benchmarks.speed", json.dumps(args)],
+                capture_output=True,
+                text=True,
+                env=env,
+                check=True,
+                cwd=root,
+            )
+            res[variant] = json.loads(proc.stdout.strip().splitlines()[-1])
+        topk_growth = res["topk"]["peak_rss"] - res["topk"]["rss_before_steps"]
+        for variant in [*_default_variants(), "dense_st"]:
+            res[f"{variant}_over_topk_peak"] = res[variant]["peak_rss"] / res["topk"]["peak_rss"]
+            growth = res[variant]["peak_rss"] - res[variant]["rss_before_steps"]
+            res[f"{variant}_over_topk_step_growth"] = growth / topk_growth
+        out[f"E{experts}_K{top_k}_I{inter}_fp32"] = res
+        log(f"peak RSS E{experts} fp32: default/topk {res['default_over_topk_peak']:.4f}")
     return out
 
 
-def run(quick: bool = False, parts: tuple[str, ...] = ("layer", "steps", "memory", "scaling", "generation")) -> dict:
+PARTS = ("layer", "steps", "memory", "scaling", "generation")
+
+
+def run(quick: bool = False, parts: tuple[str, ...] = PARTS) -> dict:
     s = settings(quick)
     res = {"settings": s}
     if "layer" in parts:
@@ -354,7 +396,8 @@ def run(quick: bool = False, parts: tuple[str, ...] = ("layer", "steps", "memory
         res["training_step"] = training_steps(s)
     if "memory" in parts:
         res["saved_activations"] = activations(s)
-        res["peak_rss"] = peak_rss(s)
+        if s["peak_rss"]:
+            res["peak_rss"] = peak_rss(s)
     if "scaling" in parts:
         res["scaling"] = scaling(s)
     if "generation" in parts:

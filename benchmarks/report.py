@@ -1,0 +1,295 @@
+"""Render benchmark results (JSON from `python -m benchmarks`) as markdown.
+
+    python -m benchmarks.report benchmarks/results/speed.json benchmarks/results/fidelity_quality.json > RESULTS.md
+
+Several files are merged (e.g. parts run separately); the tables say which command produced them.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+
+def _f(value, digits=3) -> str:
+    if isinstance(value, str):
+        return value
+    return f"{value:.{digits}f}"
+
+
+def _pct(ratio) -> str:
+    return f"{(ratio - 1) * 100:+.1f}%"
+
+
+def _table(header: list[str], rows: list[list]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines) + "\n"
+
+
+def _shape_label(key: str) -> str:
+    parts = dict((p[0], p[1:]) for p in key.split("_")[:3])
+    return f"{parts['E']} experts, top-{parts['K']}, I={parts['I']}"
+
+
+def render_speed(speed: dict, command: str) -> str:
+    s = speed["settings"]
+    out = [
+        f"### Speed and memory\n\nCommand: `{command}`. Model: hidden {s['hidden']}, {s['layers']} MoE layers, "
+        f"{s['heads']} heads, vocabulary {s['vocab']}, sequence length {s['seq']}; fp32 steps use "
+        f"{s['batch'] * s['seq']} tokens, bf16 steps {s['bf16_batch'] * s['seq']} tokens. A training step is "
+        "forward + backward + AdamW step (loss includes the load-balancing loss). Ratios are of medians over "
+        "interleaved repetitions in one process; < 1 means faster.\n"
+    ]
+    if "moe_layer" in speed:
+        rows = []
+        for key, r in speed["moe_layer"].items():
+            row = [
+                _shape_label(key),
+                key.rsplit("_", 1)[1],
+                r["tokens"],
+                _f(r["topk"]["median_s"] * 1e3, 1),
+                _pct(r["default"]["ratio_vs_topk"]),
+            ]
+            row.append(_pct(r["default_fixed"]["ratio_vs_topk"]) if "default_fixed" in r else "-")
+            row.append(len(r["topk"]["times_s"]))
+            rows.append(row)
+        out.append("#### One MoE layer, forward + backward (where the Default MoE overhead lives)\n")
+        out.append(
+            _table(
+                ["shape", "dtype", "tokens", "topk ms", "default vs topk", "default + fast-path fix vs topk", "reps"],
+                rows,
+            )
+        )
+    if "training_step" in speed:
+        rows, orows, prow = [], [], []
+        for key, shape in speed["training_step"].items():
+            choice = shape["peer_implementation"]
+            times = {k: _f(v["median_s"], 2) + " s" for k, v in choice["times"].items()}
+            prow.append([_shape_label(key), choice["best"], ", ".join(f"{k}: {v}" for k, v in times.items())])
+            for dtype in ("fp32", "bf16"):
+                if dtype not in shape:
+                    continue
+                r = shape[dtype]
+                row = [
+                    _shape_label(key),
+                    dtype,
+                    r["tokens_per_step"],
+                    _f(r["topk"]["median_s"], 2),
+                    _pct(r["default"]["ratio_vs_topk"]),
+                    _pct(r["default_fixed"]["ratio_vs_topk"]) if "default_fixed" in r else "-",
+                    _f(r["topk_vs_mixtral"]),
+                    _f(r["dense_st_over_default"], 2) + "x" if "dense_st_over_default" in r else "-",
+                    len(r["topk"]["times_s"]),
+                ]
+                rows.append(row)
+                if "olmoe_form" in r:
+                    o = r["olmoe_form"]
+                    orows.append([_shape_label(key), dtype, _f(o["topk_vs_olmoe"]), _pct(1 + o["default_overhead"])])
+        out.append("#### Training step\n")
+        out.append(
+            _table(
+                [
+                    "shape",
+                    "dtype",
+                    "tokens",
+                    "topk s/step",
+                    "default vs topk",
+                    "default + fix vs topk",
+                    "our topk / Mixtral",
+                    "dense straight-through / default",
+                    "reps",
+                ],
+                rows,
+            )
+        )
+        out.append(
+            '\n`our topk / Mixtral`: our `routing="topk"` (with `norm_topk_prob=True`) against transformers\' '
+            "`MixtralForCausalLM` with identical weights and its fastest experts implementation (table below); "
+            "< 1 means ours is faster. `dense straight-through / default`: the speed-up of Default MoE over "
+            "computing every expert for the router gradient (DenseMixer-style).\n"
+        )
+        out.append(
+            "\nOLMoE form (our model with `qk_norm=True`, `norm_topk_prob=False` vs `OlmoeForCausalLM`, "
+            "same weights):\n\n"
+        )
+        out.append(_table(["shape", "dtype", "our topk / OLMoE", "default vs topk"], orows))
+        out.append(
+            "\ntransformers' experts implementation per shape (fp32 training step; `batched_mm` gathers one "
+            "weight matrix per (token, expert) pair: 4096 x K x 2I x H x 4 bytes = 4.3 GB per layer at these "
+            "shapes; at I=512 it ran this 23 GB machine out of memory, so it is left out of training):\n\n"
+        )
+        out.append(_table(["shape", "fastest", "median step time"], prow))
+    if "saved_activations" in speed:
+        rows = []
+        for key, r in speed["saved_activations"].items():
+            rows.append(
+                [
+                    _shape_label(key),
+                    key.rsplit("_", 1)[1],
+                    f"{r['topk'] / 2**20:.1f}",
+                    _pct(r["default_over_topk"]),
+                    _f(r["dense_st_over_topk"], 2) + "x",
+                ]
+            )
+        out.append(
+            "\n#### Memory: bytes saved for backward\n\nDistinct tensor storages autograd saves during one "
+            "training forward, counted with `torch.autograd.graph.saved_tensors_hooks` (exact and "
+            "deterministic; weights, gradients and optimizer state are identical across variants).\n\n"
+        )
+        out.append(_table(["shape", "dtype", "topk MiB", "default vs topk", "dense straight-through / topk"], rows))
+    if "peak_rss" in speed:
+        rows = []
+        for key, r in speed["peak_rss"].items():
+            row = [
+                _shape_label(key),
+                f"{r['topk']['peak_rss'] / 2**20:.0f}",
+                _pct(r["default_over_topk_peak"]),
+                _pct(r["default_over_topk_step_growth"]),
+            ]
+            if "default_fixed_over_topk_peak" in r:
+                row += [_pct(r["default_fixed_over_topk_peak"])]
+            else:
+                row += ["-"]
+            row += [_f(r["dense_st_over_topk_peak"], 2) + "x"]
+            rows.append(row)
+        out.append(
+            "\n#### Memory: peak RSS of a training process (fp32, two steps)\n\nOne fresh subprocess per "
+            "variant; `MALLOC_MMAP_THRESHOLD_=65536` makes glibc return freed tensors to the OS at once, so "
+            "ru_maxrss is the peak of live memory. `growth` = peak minus RSS before the first step "
+            "(activations, gradients, optimizer state).\n\n"
+        )
+        out.append(
+            _table(
+                [
+                    "shape",
+                    "topk peak MiB",
+                    "default vs topk (peak)",
+                    "default vs topk (growth)",
+                    "default + fix (peak)",
+                    "dense straight-through / topk (peak)",
+                ],
+                rows,
+            )
+        )
+    if "scaling" in speed:
+        sc = speed["scaling"]
+        rows = [
+            [e, _f(r["topk"]["median_s"], 2), _f(r["default"]["median_s"], 2), _pct(r["default"]["ratio_vs_topk"])]
+            for e, r in sc["experts"].items()
+        ]
+        out.append(
+            f"\n#### Scaling (fp32, top-2, I={s['shapes'][0][2]})\n\nStep time vs number of experts "
+            f"({s['batch'] * s['seq']} tokens per step):\n\n"
+        )
+        out.append(_table(["experts", "topk s", "default s", "default vs topk"], rows))
+        rows = [
+            [t, _f(r["topk"]["median_s"], 2), _f(r["default"]["median_s"], 2), _pct(r["default"]["ratio_vs_topk"])]
+            for t, r in sc["tokens"].items()
+        ]
+        out.append("\nStep time vs tokens per step (8 experts):\n\n")
+        out.append(_table(["tokens", "topk s", "default s", "default vs topk"], rows))
+    if "generation" in speed:
+        g = speed["generation"]
+        rows = [[name, _f(r["tokens_per_s"], 1), _f(r["median_s"], 3)] for name, r in g.items() if isinstance(r, dict)]
+        out.append(
+            f"\n#### Generation (greedy, KV cache, batch 1, prompt {s['gen_prompt']}, {s['gen_new']} new "
+            f"tokens, fp32, {_shape_label('_'.join(f'{a}{b}' for a, b in zip('EKI', s['shapes'][0])))})\n\n"
+        )
+        out.append(_table(["model", "new tokens/s", "median s"], rows))
+        out.append(
+            f"\nDefault MoE / fastest Mixtral ({g['fastest_mixtral']}) tokens/s: "
+            f"{_f(g['default_vs_fastest_mixtral_tokens_per_s'])}; our topk / fastest Mixtral: "
+            f"{_f(g['topk_vs_fastest_mixtral_tokens_per_s'])}.\n"
+        )
+    return "\n".join(out)
+
+
+def render_fidelity(fid: dict, command: str) -> str:
+    s = fid["settings"]
+    out = [
+        f"### Router-gradient fidelity (paper Fig. 4)\n\nCommand: `{command}`. {s['experts']} experts, hidden "
+        f"{s['hidden']}, I={s['inter']}, {s['layers']} MoE layers, trained {s['train_steps']} steps with "
+        'routing="default" on the built-in corpus (bytes); then cosine similarity between each layer\'s router '
+        "gradient and the dense straight-through router gradient on held-out batches (mean over "
+        f"{s['eval_batches']} batches of {s['batch']}x{s['seq']} tokens; eval mode, LM loss only).\n"
+    ]
+    layers = None
+    rows = []
+    for k, r in fid["by_k"].items():
+        layers = len(r["topk"]["mean_per_layer"])
+        for variant in ("topk", "default"):
+            rows.append(
+                [
+                    k,
+                    variant,
+                    *[_f(c) for c in r[variant]["mean_per_layer"]],
+                    _f(sum(r[variant]["mean_per_layer"]) / layers),
+                ]
+            )
+    out.append(_table(["K", "routing", *[f"layer {i}" for i in range(layers or 0)], "mean"], rows))
+    return "\n".join(out)
+
+
+def render_quality(q: dict, command: str) -> str:
+    s = q["settings"]
+    out = [
+        f"### Quality: small-scale pretraining\n\nCommand: `{command}`. Byte-level LM on the built-in corpus, "
+        f"{s['layers']} layers (first {s['dense_layers']} dense), hidden {s['hidden']}, {s['experts']} experts "
+        f"top-{s['top_k']} (I={s['inter']}, no renormalisation, beta {s['beta']}), {s['batch']}x{s['seq']} tokens "
+        f"per step, AdamW (0.9, 0.95), weight decay 0.1, clip 1.0, {s['warmup']} warm-up steps then constant LR "
+        f"{s['lr']:g}, seeds {s['seeds']} (same seed = same initial weights and batches for every variant). "
+        "Validation loss (nats/byte) on a fixed held-out set:\n"
+    ]
+    steps = [str(x) for x in s["eval_at"]]
+    rows = []
+    for variant, summary in q["summary"].items():
+        rows.append([variant, *[f"{summary[st]['mean']:.4f} ± {summary[st]['std']:.4f}" for st in steps]])
+    out.append(_table(["variant", *[f"step {st} (mean ± std)" for st in steps]], rows))
+    rows = []
+    for variant, summary in q["summary"].items():
+        if "paired_diff_vs_topk_final" in summary:
+            d = summary["paired_diff_vs_topk_final"]
+            rows.append([variant, f"{d['mean']:+.4f} ± {d['std']:.4f}", ", ".join(f"{x:+.4f}" for x in d["per_seed"])])
+    out.append(f"\nPaired difference to topk at step {steps[-1]} (negative = Default MoE better):\n\n")
+    out.append(_table(["variant", "mean ± std", "per seed"], rows))
+    rows = [
+        [r["variant"], f"{r['lr']:g}", *[_f(v, 4) for v in r["val_loss"].values()], _f(r["max_spike"], 3)]
+        for r in q["lr_sweep"].values()
+    ]
+    out.append(
+        f"\nLearning-rate sweep (seed 0, {s['sweep_steps']} steps; `max spike` = largest rise of the training "
+        "loss above its running minimum after warm-up):\n\n"
+    )
+    out.append(_table(["variant", "LR", "final val loss", "max spike"], rows))
+    return "\n".join(out)
+
+
+def render(results_list: list[dict]) -> str:
+    first = results_list[0]
+    m = first.get("machine", {})
+    out = [
+        "## Benchmarks\n",
+        f"Machine: {m.get('processor', '?')}, {m.get('cpus', '?')} CPUs **shared with 4 other engineers running "
+        f"tests** (timings are noisy; every comparison is interleaved within one process and reported as a ratio "
+        f"of medians), torch intra-op threads {m.get('torch_threads', '?')}, {m.get('platform', '?')}, Python "
+        f"{m.get('python', '?')}, torch {m.get('torch', '?')}, transformers {m.get('transformers', '?')}. "
+        f"Date (UTC): {m.get('date_utc', '?')}.\n",
+        "Commands: " + "; ".join(f"`{r['command']}`" for r in results_list) + " (then "
+        "`python -m benchmarks.report <json files>`).\n",
+    ]
+    for results in results_list:
+        for name, res in results.get("benchmarks", {}).items():
+            if name == "speed":
+                out.append(render_speed(res, results["command"]))
+            elif name == "fidelity":
+                out.append(render_fidelity(res, results["command"]))
+            elif name == "quality":
+                out.append(render_quality(res, results["command"]))
+            elif name == "conversion":
+                out.append(f"### Conversion memory\n\n```\n{json.dumps(res, indent=1)[:3000]}\n```\n")
+    return "\n".join(out)
+
+
+if __name__ == "__main__":
+    print(render([json.loads(open(path).read()) for path in sys.argv[1:]]))
