@@ -28,7 +28,9 @@ def torchrun(script, *args):
     pythonpath = os.pathsep.join(filter(None, [str(WORKERS.parent), os.environ.get("PYTHONPATH")]))
     env = {**os.environ, "PYTHONPATH": pythonpath, "OMP_NUM_THREADS": "1"}
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
-    result = subprocess.run([*command, str(WORKERS / script), *args], env=env, capture_output=True, text=True)
+    result = subprocess.run(
+        [*command, str(WORKERS / script), *args], env=env, capture_output=True, text=True, timeout=600
+    )
     assert result.returncode == 0, result.stderr[-3000:]
 
 

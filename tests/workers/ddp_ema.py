@@ -6,6 +6,7 @@ forward and the (DDP-averaged) gradients to OUT/{name}-rank{r}.pt.
 """
 
 import json
+import os
 import sys
 
 import torch
@@ -44,7 +45,10 @@ def main():
         model = DistributedDataParallel(model, broadcast_buffers=job["broadcast_buffers"])
         history = run(model, lambda step: global_batch(step).chunk(world)[rank])
         torch.save(history, f"{out_dir}/{job['name']}-rank{rank}.pt")
-    dist.destroy_process_group()
+    dist.barrier()
+    # Skip interpreter teardown: freeing DDP's reducer after the process group can deadlock in gloo's destructor
+    # (the worker thread waits for the GIL the main thread holds while joining it; seen with torch 2.13).
+    os._exit(0)
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ a list of [input_ids, labels] pairs (run it under `torchrun --nproc_per_node 2` 
 """
 
 import json
+import os
 import sys
 
 import torch
@@ -45,3 +46,6 @@ def train_one_step(out, per_device_batch, accumulation, overrides, rows):
 if __name__ == "__main__":
     for job in json.loads(sys.argv[1]):
         train_one_step(*job)
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+    os._exit(0)  # no interpreter teardown: see workers/ddp_ema.py
