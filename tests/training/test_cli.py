@@ -1,8 +1,10 @@
 """`default-moe train`: a real end-to-end run, and every bad input failing early with one line and no output."""
 
+import importlib.util
 import json
 
 import pytest
+import torch
 
 from default_moe.cli import main
 from training.helpers import TINY_RUN
@@ -103,3 +105,35 @@ def test_bad_input_fails_early_with_one_line_and_writes_nothing(tmp_path, capsys
     assert err.startswith("error: ") and message in err and "\n" not in err, err
     assert not out.exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == before
+
+
+@pytest.mark.parametrize(
+    "flags",
+    [["--bf16"], ["--gradient-checkpointing"], ["--grad-accum", "2"], ["--routing", "topk"]],
+    ids=["bf16", "activation-checkpointing", "grad-accum", "topk"],
+)
+def test_train_options(tmp_path, capsys, flags):
+    out = tmp_path / "run"
+    argv = ["train", *TINY_RUN, "--preset", "micro", "--output-dir", str(out), "--max-steps", "2", *flags]
+    assert main(argv) == 0, capsys.readouterr().err
+    from safetensors.torch import load_file
+
+    weights = load_file(str(out / "final" / "model.safetensors"))
+    ema = [v for k, v in weights.items() if k.endswith("default_outputs.ema")]
+    assert ema and all(v.dtype == torch.float32 for v in ema)
+    config = json.loads((out / "final" / "config.json").read_text())
+    if "--routing" in flags:
+        assert config["routing"] == "topk" and all(v.abs().sum() == 0 for v in ema)  # top-K keeps no defaults
+    else:
+        assert all(v.abs().sum() > 0 for v in ema)
+    state = json.loads((out / "checkpoint-2" / "trainer_state.json").read_text())
+    assert state["global_step"] == 2
+
+
+def test_hub_dataset_without_the_datasets_package(tmp_path, capsys):
+    if importlib.util.find_spec("datasets") is not None:
+        pytest.skip("the datasets package is installed")
+    out = tmp_path / "out"
+    argv = ["train", *TINY_RUN, "--preset", "micro", "--dataset", "wikitext", "--output-dir", str(out)]
+    assert main(argv) == 1
+    assert "needs the optional 'datasets' package" in capsys.readouterr().err and not out.exists()

@@ -11,6 +11,7 @@ def test_builtin_split_is_deterministic_disjoint_and_file_level():
     root = data.stdlib_folder()
     files = [p.relative_to(root).as_posix() for p in data.stdlib_files()]
     assert files == sorted(files) and len(files) > 100
+    assert "os.py" in files and not [f for f in files if f.startswith(("test/", "encodings/", "site-packages/"))]
     validation = [f for f in files if data.is_validation_file(f, 0.05)]
     # Hash split: roughly the asked fraction, and the same answer every time.
     assert 0.02 < len(validation) / len(files) < 0.1

@@ -93,6 +93,7 @@ class DefaultMoeCallback(TrainerCallback):
         self._handles = []
         self._layers: list[int] = []
         self._blocks: list[torch.nn.Module] = []
+        self._pending: dict | None = None  # the closed window waiting for the next on_log
 
     # ------------------------------------------------------------------------------------------------ set-up
     def install(self, trainer) -> DefaultMoeCallback:
@@ -186,13 +187,27 @@ class DefaultMoeCallback(TrainerCallback):
         if self.output_dir is None:
             self.output_dir = Path(args.output_dir)
 
-    def on_log(self, args, state, control, logs=None, **kwargs):
-        if not self._blocks or logs is None:
-            return
+    def on_step_end(self, args, state, control, **kwargs):
+        # The window is closed (and summed over ranks) here rather than in on_log: every rank reaches the logging
+        # steps together, whereas user code may call `trainer.log` on one rank only. The flow callback, which runs
+        # before this one, has already decided whether this step logs.
+        if self._blocks and control.should_log:
+            self._close_window(state)
+
+    def on_epoch_end(self, args, state, control, **kwargs):
+        if self._blocks and control.should_log:  # logging_strategy="epoch"
+            self._close_window(state)
+
+    def _close_window(self, state) -> None:
         window = self._collect()
-        if window is None:
+        if window is not None:
+            window["step"] = state.global_step
+            self._pending = window
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        window, self._pending = self._pending, None
+        if window is None or logs is None:
             return
-        window["step"] = state.global_step
         self.history.append(window)
         values = self._log_values(window)
         logs.update(values)
@@ -201,6 +216,12 @@ class DefaultMoeCallback(TrainerCallback):
         self._check_collapse(window, state)
 
     def on_train_end(self, args, state, control, **kwargs):
+        # Steps after the last logging step still count for the load heatmap (and the curves' last point).
+        if self._blocks:
+            window = self._collect()
+            if window is not None:
+                window["step"] = state.global_step
+                self.history.append(window)
         self._detach()
         if self.plots and state.is_world_process_zero and self.history:
             self.plot_files = self.write_plots(self.output_dir)

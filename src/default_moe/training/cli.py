@@ -138,6 +138,8 @@ def training_arguments(args: argparse.Namespace, evaluate: bool, output_dir: str
         dataloader_num_workers=0,
         dataloader_pin_memory=torch.cuda.is_available(),
     )
+    if args.bf16 and not torch.cuda.is_available():
+        values["use_cpu"] = True  # Trainer accepts bf16 without a GPU only as explicit CPU training (autocast)
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available():
         if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true":
             # accelerate 1.15 selects FSDP only for GPU-type devices; on CPU it would silently run DDP instead.

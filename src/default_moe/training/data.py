@@ -37,15 +37,18 @@ def stdlib_folder() -> Path:
     return Path(sysconfig.get_paths()["stdlib"])
 
 
+# Folders left out of the corpus: installed packages, and generated or data-like sources (codec tables, pydoc's
+# topic texts, test suites full of byte-string fixtures) that would dominate a small sample.
+EXCLUDED_FOLDERS = frozenset(
+    {"site-packages", "dist-packages", "__pycache__", "test", "tests", "idle_test", "encodings", "pydoc_data"}
+)
+
+
 @lru_cache(maxsize=1)
 def stdlib_files() -> tuple[Path, ...]:
-    """The standard library's `.py` files, sorted, without installed third-party packages."""
+    """The standard library's own `.py` modules, sorted (see `EXCLUDED_FOLDERS`)."""
     root = stdlib_folder()
-    files = [
-        path
-        for path in root.rglob("*.py")
-        if not {"site-packages", "dist-packages", "__pycache__"} & set(path.relative_to(root).parts)
-    ]
+    files = [path for path in root.rglob("*.py") if not EXCLUDED_FOLDERS & set(path.relative_to(root).parts[:-1])]
     if not files:
         raise DataError(f"no Python source files found in the standard library folder {root}")
     return tuple(sorted(files))
