@@ -49,7 +49,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--quick", action="store_true", help="tiny configurations, for smoke tests (< 60 s)")
     parser.add_argument("--only", default=",".join(BENCHMARKS), help=f"comma-separated subset of {BENCHMARKS}")
     parser.add_argument(
-        "--speed-parts", default="layer,steps,memory,scaling,generation", help="subset of the speed benchmark"
+        "--speed-parts", default="layer,steps,overhead,memory,scaling,generation", help="subset of the speed benchmark"
     )
     parser.add_argument("--out", default="BENCHMARKS-results.json", help="JSON output file")
     parser.add_argument(

@@ -173,20 +173,29 @@ def train_step_fn(model, batch: torch.Tensor, lr: float = 1e-4) -> Callable[[], 
     return step
 
 
-def interleaved_times(fns: dict[str, Callable[[], object]], reps: int, warmup: int = 1) -> dict[str, list[float]]:
+def interleaved_times(
+    fns: dict[str, Callable[[], object]], reps: int, warmup: int = 1, cpu_times: dict | None = None
+) -> dict[str, list[float]]:
     """Run the functions round-robin (A B C A B C ...) `reps` times after `warmup` rounds; wall times in seconds.
 
-    The order inside a round alternates (ABC, CBA, ...) so no variant always follows the same one."""
+    The order inside a round alternates (ABC, CBA, ...) so no variant always follows the same one. If `cpu_times`
+    is a dict it receives the process CPU times (time.process_time) of the same runs: with one torch thread these
+    leave out the time the process waited for a core on a shared machine."""
     names = list(fns)
     for _ in range(warmup):
         for name in names:
             fns[name]()
     times: dict[str, list[float]] = {name: [] for name in names}
+    if cpu_times is not None:
+        cpu_times.update({name: [] for name in names})
     for rep in range(reps):
         for name in names if rep % 2 == 0 else names[::-1]:
+            cpu_start = time.process_time()
             start = time.perf_counter()
             fns[name]()
             times[name].append(time.perf_counter() - start)
+            if cpu_times is not None:
+                cpu_times[name].append(time.process_time() - cpu_start)
     return times
 
 

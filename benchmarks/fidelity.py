@@ -21,9 +21,9 @@ from torch.nn import functional as F
 from default_moe.modeling_default_moe import DefaultMoeSparseMoeBlock
 
 from .common import (
-    DenseStraightThroughBlock,
     build_ours,
     byte_corpus,
+    dense_expert_outputs,
     our_config,
     sample_batches,
 )
@@ -40,7 +40,7 @@ def settings(quick: bool) -> dict:
         ks=[1, 2, 4],
         batch=8,
         seq=256,
-        train_steps=300,
+        train_steps=200,
         eval_batches=4,
         lr=2e-3,
     )
@@ -56,13 +56,39 @@ def _router_grads(model, batch: torch.Tensor) -> list[torch.Tensor]:
     return [layer.mlp.gate.weight.grad.flatten().clone() for layer in model.model.layers if layer.is_moe]
 
 
-def _set_variant(model, variant: str) -> None:
+def estimator_forward(self, hidden_states, token_mask=None, return_router_losses=False):
+    """The model's own eval forward value, y = sum_A w_i E_i(x) + sum_{not A} p_i D_i, with the router gradient of
+    the estimator in `self.estimator`: "default" (through p_i D_i), "topk" (selected experts only: the default term
+    is detached) or "dense" (through p_i E_i(x) for every unselected expert, computed densely, straight-through)."""
+    batch_size, seq_len, hidden_size = hidden_states.shape
+    x_TH = hidden_states.reshape(-1, hidden_size)
+    _, probs_TE, top_k_weights_TK, top_k_index_TK = self.gate(x_TH)
+    out_TH = torch.einsum("tkh,tk->th", self.experts(x_TH, top_k_index_TK).float(), top_k_weights_TK)
+    unselected_probs_TE = probs_TE.scatter(1, top_k_index_TK, 0.0)
+    default_TH = unselected_probs_TE @ self.default_outputs.ema
+    if self.estimator == "default":
+        out_TH = out_TH + default_TH
+    else:
+        out_TH = out_TH + default_TH.detach()
+    if self.estimator == "dense":
+        all_out_TEH = dense_expert_outputs(self.experts, x_TH).detach().float()
+        rest_TH = torch.einsum("teh,te->th", all_out_TEH, unselected_probs_TE)
+        out_TH = out_TH + (rest_TH - rest_TH.detach())
+    out_BSH = out_TH.to(hidden_states.dtype).view(batch_size, seq_len, hidden_size)
+    return (out_BSH, torch.zeros(2)) if return_router_losses else out_BSH
+
+
+class EstimatorBlock(DefaultMoeSparseMoeBlock):
+    estimator = "default"
+    forward = estimator_forward
+
+
+def _set_variant(model, variant: str | None) -> None:
+    """Switch every MoE block to the given router-gradient estimator, or back to the plain block (None)."""
     for layer in model.model.layers:
-        if not layer.is_moe:
-            continue
-        block = layer.mlp
-        block.__class__ = DenseStraightThroughBlock if variant == "dense_st" else DefaultMoeSparseMoeBlock
-        block.config.routing = "topk" if variant == "topk" else "default"
+        if layer.is_moe:
+            layer.mlp.__class__ = DefaultMoeSparseMoeBlock if variant is None else EstimatorBlock
+            layer.mlp.estimator = variant
 
 
 def run(quick: bool = False, log=_log) -> dict:
@@ -97,14 +123,14 @@ def run(quick: bool = False, log=_log) -> dict:
         cos = {"topk": [], "default": []}
         for batch in sample_batches(valid, s["batch"], s["seq"], s["eval_batches"], seed=7):
             grads = {}
-            for variant in ("dense_st", "topk", "default"):
+            for variant in ("dense", "topk", "default"):
                 _set_variant(model, variant)
                 grads[variant] = _router_grads(model, batch)
             for variant in ("topk", "default"):
                 cos[variant].append(
-                    [float(F.cosine_similarity(g, d, dim=0)) for g, d in zip(grads[variant], grads["dense_st"])]
+                    [float(F.cosine_similarity(g, d, dim=0)) for g, d in zip(grads[variant], grads["dense"])]
                 )
-        _set_variant(model, "default")
+        _set_variant(model, None)
         res = {"final_train_loss": sum(losses[-10:]) / len(losses[-10:])}
         for variant, rows in cos.items():
             per_layer = torch.tensor(rows)  # (batches, layers)

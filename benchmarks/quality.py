@@ -55,7 +55,7 @@ def settings(quick: bool) -> dict:
         dense_layers=1,
         experts=8,
         top_k=1,
-        batch=16,
+        batch=8,
         seq=128,
         steps=300,
         eval_at=[100, 200, 300],
@@ -63,7 +63,7 @@ def settings(quick: bool) -> dict:
         lr=2e-3,
         seeds=[0, 1, 2],
         sweep_lrs=[6e-3, 2e-2, 6e-2],
-        sweep_steps=200,
+        sweep_steps=150,
         eval_batches=8,
         beta=0.9,
     )

@@ -120,6 +120,34 @@ def render_speed(speed: dict, command: str) -> str:
             "shapes; at I=512 it ran this 23 GB machine out of memory, so it is left out of training):\n\n"
         )
         out.append(_table(["shape", "fastest", "median step time"], prow))
+    if "overhead" in speed:
+        rows = []
+        for key, r in speed["overhead"].items():
+            row = [_shape_label(key), _f(r["wall"]["topk"]["median_s"], 2)]
+            for clock in ("wall", "cpu"):
+                row.append(_pct(r[clock]["default"]["ratio_vs_topk"]))
+                row.append(_pct(r[clock]["default_fixed"]["ratio_vs_topk"]) if "default_fixed" in r[clock] else "-")
+            row.append(len(r["wall"]["topk"]["times_s"]))
+            rows.append(row)
+        out.append(
+            "\n#### Default MoE overhead, training step, more repetitions (fp32, wall and CPU time)\n\nSame step as "
+            "above; process CPU time (one torch thread) leaves out time spent waiting for a core on the shared "
+            "machine, so its ratios are steadier.\n\n"
+        )
+        out.append(
+            _table(
+                [
+                    "shape",
+                    "topk s/step",
+                    "default (wall)",
+                    "default + fix (wall)",
+                    "default (CPU)",
+                    "default + fix (CPU)",
+                    "reps",
+                ],
+                rows,
+            )
+        )
     if "saved_activations" in speed:
         rows = []
         for key, r in speed["saved_activations"].items():

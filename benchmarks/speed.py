@@ -57,6 +57,7 @@ def settings(quick: bool) -> dict:
             gen_new=4,
             gen_reps=1,
             peak_rss=False,
+            overhead_reps=1,
         )
     return dict(
         hidden=256,
@@ -78,6 +79,7 @@ def settings(quick: bool) -> dict:
         gen_new=48,
         gen_reps=5,
         peak_rss=True,
+        overhead_reps=10,
     )
 
 
@@ -240,6 +242,29 @@ def moe_layer(s: dict, log=_log) -> dict:
     return out
 
 
+def overhead(s: dict, log=_log) -> dict:
+    """Default MoE vs topk training steps only (fp32, every shape), with more repetitions, in wall and CPU time.
+
+    With one torch thread, process CPU time excludes the time spent waiting for a core, so on a shared machine its
+    ratios are steadier than wall-clock ratios."""
+    out = {}
+    for experts, top_k, inter in s["shapes"]:
+        batch = _batch(s)
+        models = _models(s, experts, top_k, inter, torch.float32, [*_default_variants(), "topk"])
+        cpu: dict = {}
+        times = interleaved_times({n: train_step_fn(m, batch) for n, m in models.items()}, s["overhead_reps"], 1, cpu)
+        res = {"wall": _summarise(times, "topk"), "cpu": _summarise(cpu, "topk")}
+        key = f"E{experts}_K{top_k}_I{inter}"
+        out[key] = res
+        msg = ", ".join(
+            f"{clock} {name}/topk {res[clock][name]['ratio_vs_topk']:.3f}"
+            for clock in ("wall", "cpu")
+            for name in _default_variants()
+        )
+        log(f"overhead {key}: {msg}")
+    return out
+
+
 def scaling(s: dict, log=_log) -> dict:
     """Step time vs number of experts (top-2, fixed expert width) and vs tokens per step (8 experts, top-2), fp32."""
     out = {"experts": {}, "tokens": {}}
@@ -384,7 +409,7 @@ def peak_rss(s: dict, log=_log) -> dict:
     return out
 
 
-PARTS = ("layer", "steps", "memory", "scaling", "generation")
+PARTS = ("layer", "steps", "overhead", "memory", "scaling", "generation")
 
 
 def run(quick: bool = False, parts: tuple[str, ...] = PARTS) -> dict:
@@ -394,6 +419,8 @@ def run(quick: bool = False, parts: tuple[str, ...] = PARTS) -> dict:
         res["moe_layer"] = moe_layer(s)
     if "steps" in parts:
         res["training_step"] = training_steps(s)
+    if "overhead" in parts:
+        res["overhead"] = overhead(s)
     if "memory" in parts:
         res["saved_activations"] = activations(s)
         if s["peak_rss"]:
