@@ -50,10 +50,13 @@ def test_train_from_checkpoint_with_jsonl_data_and_overrides(tmp_path, capsys):
     out = tmp_path / "ft"
     argv = ["train", "--model", str(base / "final"), "--data", str(data), "--seq-len", "16", "--batch-size", "2"]
     argv += ["--output-dir", str(out), "--max-steps", "2", "--no-progress", "--set", "router_z_loss_coef=0.001"]
-    argv += ["--training-arg", "lr_scheduler_type=constant", "--no-monitor"]
+    argv += ["--training-arg", "lr_scheduler_type=constant", "--no-monitor", "--base-model", "someone/base"]
     assert main(argv) == 0, capsys.readouterr().err
     summary = json.loads((out / "final" / "training_summary.json").read_text())
-    assert summary["base_model"] == str(base / "final") and summary["base_model_relation"] == "finetune"
+    assert summary["initialized_from"] == str(base / "final")
+    assert summary["base_model"] == "someone/base" and summary["base_model_relation"] == "finetune"
+    card = (out / "final" / "README.md").read_text()
+    assert "base_model: someone/base" in card and "base_model_relation: finetune" in card
     assert summary["data"] == "d.jsonl" and "eval_loss" not in summary["final_losses"]
     config = json.loads((out / "final" / "config.json").read_text())
     assert config["router_z_loss_coef"] == 0.001

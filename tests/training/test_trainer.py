@@ -112,13 +112,22 @@ def test_save_final_is_atomic_and_replaces(tmp_path):
 
     model = training.load_model("micro", vocab_size=512)
     tokenizer = builtin_tokenizer(512)
-    final = training.save_final(model, tokenizer, tmp_path, {"steps": 1}, write_card=False)
+
+    def write(folder):
+        model.save_pretrained(folder)
+        tokenizer.save_pretrained(folder)
+
+    final = training.save_final(tmp_path, {"steps": 1}, write, write_card=False)
     assert json.loads((final / "training_summary.json").read_text()) == {"steps": 1}
+    assert {"model.safetensors", "modeling_default_moe.py", "tokenizer.json"} <= {p.name for p in final.iterdir()}
     # A failing save leaves the previous final folder untouched and no temporary folder behind.
     with pytest.raises(TypeError):
-        training.save_final(model, tokenizer, tmp_path, {"not json": object()}, write_card=False)
+        training.save_final(tmp_path, {"not json": object()}, write, write_card=False)
     assert json.loads((final / "training_summary.json").read_text()) == {"steps": 1}
     assert [p.name for p in tmp_path.iterdir()] == ["final"]
-    training.save_final(model, tokenizer, tmp_path, {"steps": 2}, write_card=False)
+    training.save_final(tmp_path, {"steps": 2}, write, write_card=False)
     assert json.loads((final / "training_summary.json").read_text()) == {"steps": 2}
     assert [p.name for p in tmp_path.iterdir()] == ["final"]
+    # Not the main process: writes nothing itself (the main process does), returns None.
+    assert training.save_final(tmp_path / "other", {}, lambda folder: None, is_main=False) is None
+    assert not (tmp_path / "other").exists()

@@ -26,6 +26,7 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     source.add_argument("--preset", help=f"model shape for a fresh model: {', '.join(PRESETS)} (default tiny)")
     source.add_argument("--config", metavar="FILE", help="a config.json for a fresh model")
     source.add_argument("--model", metavar="DIR", help="a Default MoE checkpoint folder to continue training")
+    group.add_argument("--base-model", metavar="REPO_ID", help="the Hub id of --model, for the model card's metadata")
     group.add_argument("--routing", choices=("default", "topk"), help="override the config's routing")
     group.add_argument("--set", action="append", metavar="KEY=VALUE", default=[], help="override a config field")
 
@@ -248,7 +249,11 @@ def train(args: argparse.Namespace, callbacks: list | None = None):
         model_overrides(args),
         seed=args.seed,
     )
-    extra = {"base_model": args.model, "base_model_relation": "finetune"} if args.model else {}
+    extra = {}
+    if args.model:
+        extra["initialized_from"] = str(args.model)
+        if args.base_model:  # a Hub id: the card lists it as base_model with relation "finetune"
+            extra.update(base_model=args.base_model, base_model_relation="finetune")
     result = run_training(
         model,
         run_data,

@@ -261,22 +261,37 @@ def check_output_dir(path: str | os.PathLike, overwrite: bool = False, resume: b
     return path
 
 
-def save_final(model, tokenizer, output_dir: str | os.PathLike, summary: dict, write_card: bool = True) -> Path:
+def save_final(
+    output_dir: str | os.PathLike,
+    summary: dict,
+    write_files,
+    write_card: bool = True,
+    is_main: bool = True,
+    barrier=None,
+) -> Path | None:
     """Write `output_dir/final` atomically: everything goes to a temporary sibling folder first, then one rename.
 
-    The folder holds the weights (with the EMA defaults), config with `auto_map`, both model code files, the
-    tokenizer, `training_summary.json` and, when `default_moe.cards` is available, the README model card.
+    `write_files(folder)` writes the weights (with the EMA defaults), config with `auto_map`, both model code files
+    and the tokenizer; then come `training_summary.json` and, when `default_moe.cards` is available, the README model
+    card. In multi-process runs every rank calls this (`write_files` may be collective, e.g. `Trainer.save_model`
+    under FSDP), with `barrier` synchronising them; only the main process touches the file system itself.
+    Returns the final folder on the main process, None elsewhere.
     """
     output_dir = Path(output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
     final = output_dir / FINAL
-    staging = Path(tempfile.mkdtemp(dir=output_dir, prefix=".final-tmp-"))
-    umask = os.umask(0)
-    os.umask(umask)
-    staging.chmod(0o777 & ~umask)  # mkdtemp makes it private; the final folder should look like any other
+    staging = output_dir / ".final-tmp"  # one fixed name, so that all ranks agree on it
+    barrier = barrier or (lambda: None)
+    if is_main:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(staging, ignore_errors=True)  # left over from a crashed save
+        staging.mkdir()
+    barrier()
     try:
-        model.save_pretrained(staging)
-        tokenizer.save_pretrained(staging)
+        write_files(staging)
+        barrier()
+        if not is_main:
+            return None
+        (staging / "training_args.bin").unlink(missing_ok=True)  # Trainer.save_model's; not part of a model folder
         (staging / "training_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
         if write_card:
             write_model_card_if_available(staging, title=output_dir.resolve().name)
@@ -288,7 +303,8 @@ def save_final(model, tokenizer, output_dir: str | os.PathLike, summary: dict, w
         else:
             os.replace(staging, final)
     except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
+        if is_main:
+            shutil.rmtree(staging, ignore_errors=True)
         raise
     return final
 
@@ -404,35 +420,15 @@ def run_training(
     summary = training_summary(trainer, run_data, monitor_callback, seconds, **(summary_extra or {}))
     final_dir = None
     if save:
-        trainer.accelerator.wait_for_everyone()
-        unwrapped = trainer.accelerator.unwrap_model(trainer.model)
-        if trainer.is_fsdp_enabled:
-            state_dict = trainer.accelerator.get_state_dict(trainer.model)
-        else:
-            state_dict = None
-        if trainer.is_world_process_zero():
-            if state_dict is not None:
-                final_dir = _save_from_state_dict(
-                    unwrapped, state_dict, run_data.tokenizer, training_args.output_dir, summary
-                )
-            else:
-                final_dir = save_final(unwrapped, run_data.tokenizer, training_args.output_dir, summary)
-        trainer.accelerator.wait_for_everyone()
+        # Trainer.save_model gathers the full state dict under FSDP/DeepSpeed and writes on the main process only.
+        final_dir = save_final(
+            training_args.output_dir,
+            summary,
+            lambda folder: trainer.save_model(str(folder)),
+            is_main=trainer.is_world_process_zero(),
+            barrier=trainer.accelerator.wait_for_everyone,
+        )
     return RunResult(final_dir, summary, list(trainer.state.log_history), monitor_callback)
-
-
-def _save_from_state_dict(model, state_dict, tokenizer, output_dir, summary) -> Path:
-    """FSDP: the full state dict was gathered on rank 0; save it through the unwrapped model's save_pretrained."""
-    original = model.save_pretrained
-
-    def save_pretrained(folder, **kwargs):
-        return original(folder, state_dict=state_dict, **kwargs)
-
-    model.save_pretrained = save_pretrained
-    try:
-        return save_final(model, tokenizer, output_dir, summary)
-    finally:
-        del model.save_pretrained
 
 
 def dump_ema(model, folder: str | os.PathLike, rank: int) -> Path:
