@@ -100,57 +100,63 @@ from torch.distributed.tensor import DTensor
 from default_moe import DefaultMoeForCausalLM
 from default_moe.training.trainer import preset_config
 
-rank, world, init, out = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4]
-torch.set_num_threads(1)
-dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
-torch.manual_seed(0)
-model = DefaultMoeForCausalLM(preset_config("micro", vocab_size=128, default_ema_beta=0.5))
-if world > 1:
-    for layer in model.model.layers:
-        fully_shard(layer)
-    fully_shard(model)
-    assert isinstance(model.model.layers[0].mlp.experts.gate_up_proj, DTensor)
-optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
-data = torch.randint(0, 128, (3, 4, 16), generator=torch.Generator().manual_seed(1))  # 3 steps x global batch 4
-losses = []
-for step in range(3):
-    batch = data[step].chunk(world)[rank]
-    loss = model(input_ids=batch, labels=batch).loss
-    loss.backward()
-    optimizer.step()
-    optimizer.zero_grad()
-    losses.append(loss.detach())
-losses = torch.stack(losses)
-dist.all_reduce(losses)
-ema = {f"layer{i}": layer.mlp.default_outputs.ema for i, layer in enumerate(model.model.layers)}
-torch.save({"ema": ema, "losses": losses / world}, f"{out}/rank{rank}.pt")
-dist.destroy_process_group()
+
+def train(rank, world):
+    torch.manual_seed(0)
+    model = DefaultMoeForCausalLM(preset_config("micro", vocab_size=128, default_ema_beta=0.5))
+    if world > 1:
+        for layer in model.model.layers:
+            fully_shard(layer)
+        fully_shard(model)
+        assert isinstance(model.model.layers[0].mlp.experts.gate_up_proj, DTensor)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
+    data = torch.randint(0, 128, (3, 4, 16), generator=torch.Generator().manual_seed(1))  # 3 steps, global batch 4
+    losses = []
+    for step in range(3):
+        batch = data[step].chunk(world)[rank]
+        loss = model(input_ids=batch, labels=batch).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(loss.detach())
+    losses = torch.stack(losses)
+    if world > 1:
+        dist.all_reduce(losses)
+    ema = {f"layer{i}": layer.mlp.default_outputs.ema.clone() for i, layer in enumerate(model.model.layers)}
+    return {"ema": ema, "losses": losses / world}
+
+
+if __name__ == "__main__":
+    rank, world, init, out = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4]
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
+    torch.save(train(rank, world), f"{out}/rank{rank}.pt")
+    dist.destroy_process_group()
 """
 
 
 def test_model_under_fsdp2_on_cpu_gloo_keeps_ema_in_sync_and_matches_one_process(tmp_path):
     script = tmp_path / "worker.py"
     script.write_text(FSDP_WORKER)
-    results = {}
-    for world in (2, 1):
-        out = tmp_path / f"world{world}"
-        out.mkdir()
-        init = f"file://{tmp_path / f'rendezvous{world}'}"
-        procs = [
-            subprocess.Popen(
-                [sys.executable, str(script), str(rank), str(world), init, str(out)],
-                env=_env(),
-                stdout=subprocess.PIPE,
-                stderr=subprocess.PIPE,
-                text=True,
-            )
-            for rank in range(world)
-        ]
-        for proc in procs:
-            _, err = proc.communicate(timeout=300)
-            assert proc.returncode == 0, err[-3000:]
-        results[world] = [torch.load(out / f"rank{rank}.pt") for rank in range(world)]
-    sharded, (alone,) = results[2], results[1]
+    init = f"file://{tmp_path / 'rendezvous'}"
+    procs = [
+        subprocess.Popen(
+            [sys.executable, str(script), str(rank), "2", init, str(tmp_path)],
+            env=_env(),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for rank in range(2)
+    ]
+    # Meanwhile, the reference: the same steps in this process, unsharded, on the whole global batch.
+    namespace = {"__name__": "fsdp_worker"}
+    exec(compile(FSDP_WORKER, str(script), "exec"), namespace)
+    alone = namespace["train"](0, 1)
+    for proc in procs:
+        _, err = proc.communicate(timeout=300)
+        assert proc.returncode == 0, err[-3000:]
+    sharded = [torch.load(tmp_path / f"rank{rank}.pt") for rank in range(2)]
     for key, value in sharded[0]["ema"].items():
         assert torch.equal(value, sharded[1]["ema"][key]), f"FSDP ranks disagree on the EMA of {key}"
         assert value.abs().max() > 0
