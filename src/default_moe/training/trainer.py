@@ -132,7 +132,8 @@ def prepare_data(
             eval_texts = read_text_files(eval_files, text_field)
         name = dataset
     else:
-        # The built-in corpus: read only about as much text as the token budget needs (~3.5 characters a token).
+        # The built-in corpus: read only about as much text as the token budget needs (~3.5 characters a token;
+        # 6 leaves a margin).
         max_chars = None if max_train_tokens is None else max(int(max_train_tokens * 6), 1_000_000)
         train_texts = builtin_corpus("train", max_chars=max_chars)
         eval_texts = read_text_files(eval_files, text_field) if eval_files else builtin_corpus("validation")
@@ -140,9 +141,8 @@ def prepare_data(
     if not train_texts:
         raise DataError(f"the training data {name} holds no text")
     if tokenizer is None:
-        tokenizer = (
-            builtin_tokenizer(vocab_size) if name == BUILTIN_DESCRIPTION else train_tokenizer(train_texts, vocab_size)
-        )
+        builtin = not (data_files or dataset)
+        tokenizer = builtin_tokenizer(vocab_size) if builtin else train_tokenizer(train_texts, vocab_size)
     train = PackedDataset(pack(train_texts, tokenizer, seq_len, max_train_tokens, what="the training data"))
     evaluation = None
     if eval_texts is not None:
