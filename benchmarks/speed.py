@@ -352,9 +352,8 @@ def activations(s: dict, log=_log) -> dict:
 
 
 def _peak_rss_worker(args: dict) -> dict:
-    """Runs in a fresh process: build one variant, then two training steps; report RSS before and peak."""
-    import resource
-
+    """Runs in a fresh process: build one variant, reset the kernel's peak-RSS mark, run two training steps, and
+    report RSS before the steps and the peak during them (VmHWM; ru_maxrss would include the parent's peak)."""
     torch.set_num_threads(1)
     s = args["settings"]
     experts, top_k, inter = args["shape"]
@@ -363,25 +362,28 @@ def _peak_rss_worker(args: dict) -> dict:
     model = models.pop(variant)
     batch = _batch(s)
     step = train_step_fn(model, batch)
-    rss_before = _current_rss()
-    peak_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # reset VmHWM to the current RSS
+    rss_before = _status_bytes("VmRSS")
     step()
     step()
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    return {"rss_before_steps": rss_before, "peak_rss": peak, "peak_before_steps": peak_before}
+    return {"rss_before_steps": rss_before, "peak_rss": _status_bytes("VmHWM")}
 
 
-def _current_rss() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+def _status_bytes(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError(f"{field} not in /proc/self/status")
 
 
 def peak_rss(s: dict, log=_log) -> dict:
     """Peak resident memory of a training process (two fp32 steps), one fresh subprocess per variant.
 
     glibc's malloc is told to serve every allocation above 64 KiB with mmap (MALLOC_MMAP_THRESHOLD_), so freed
-    tensors go back to the OS at once and the process' peak RSS (ru_maxrss) is the peak of live memory, not an
-    artefact of heap fragmentation. Torch's CPU allocator does not cache."""
+    tensors go back to the OS at once and the kernel's peak-RSS mark (VmHWM, reset after the model is built) is the
+    peak of live memory, not an artefact of heap fragmentation. Torch's CPU allocator does not cache."""
     out = {}
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", OMP_NUM_THREADS="1")
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
