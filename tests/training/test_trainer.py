@@ -1,6 +1,7 @@
 """Trainer runs: resuming restores the EMA defaults exactly; presets, configs and the atomic final save."""
 
 import json
+import os
 
 import pytest
 import torch
@@ -120,6 +121,9 @@ def test_save_final_is_atomic_and_replaces(tmp_path):
     final = training.save_final(tmp_path, {"steps": 1}, write, write_card=False)
     assert json.loads((final / "training_summary.json").read_text()) == {"steps": 1}
     assert {"model.safetensors", "modeling_default_moe.py", "tokenizer.json"} <= {p.name for p in final.iterdir()}
+    umask = os.umask(0)
+    os.umask(umask)
+    assert {p.stat().st_mode & 0o777 for p in final.iterdir()} == {0o666 & ~umask}  # readable like other files
     # A failing save leaves the previous final folder untouched and no temporary folder behind.
     with pytest.raises(TypeError):
         training.save_final(tmp_path, {"not json": object()}, write, write_card=False)

@@ -292,6 +292,10 @@ def save_final(
         if not is_main:
             return None
         (staging / "training_args.bin").unlink(missing_ok=True)  # Trainer.save_model's; not part of a model folder
+        umask = os.umask(0)
+        os.umask(umask)
+        for path in staging.iterdir():  # transformers writes the weights 0600 (temporary file + rename)
+            path.chmod(0o666 & ~umask)
         (staging / "training_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
         if write_card:
             write_model_card_if_available(staging, title=output_dir.resolve().name)
