@@ -184,7 +184,8 @@ def render_speed(speed: dict, command: str) -> str:
         out.append(
             "\n#### Memory: peak RSS of a training process (fp32, two steps)\n\nOne fresh subprocess per "
             "variant; `MALLOC_MMAP_THRESHOLD_=65536` makes glibc return freed tensors to the OS at once, so "
-            "ru_maxrss is the peak of live memory. `growth` = peak minus RSS before the first step "
+            "the kernel's peak-RSS mark (VmHWM, reset after the model is built) is the peak of live memory during "
+            "the steps. `growth` = peak minus RSS before the first step "
             "(activations, gradients, optimizer state).\n\n"
         )
         out.append(
@@ -237,10 +238,14 @@ def render_fidelity(fid: dict, command: str) -> str:
     s = fid["settings"]
     out = [
         f"### Router-gradient fidelity (paper Fig. 4)\n\nCommand: `{command}`. {s['experts']} experts, hidden "
-        f"{s['hidden']}, I={s['inter']}, {s['layers']} MoE layers, trained {s['train_steps']} steps with "
-        'routing="default" on the built-in corpus (bytes); then cosine similarity between each layer\'s router '
-        "gradient and the dense straight-through router gradient on held-out batches (mean over "
-        f"{s['eval_batches']} batches of {s['batch']}x{s['seq']} tokens; eval mode, LM loss only).\n"
+        f"{s['hidden']}, I={s['inter']}, {s['layers']} MoE layers, no renormalisation, trained {s['train_steps']} "
+        'steps with routing="default" on the built-in corpus (bytes, AdamW 2e-3). Then, on held-out batches, the '
+        "model's own forward (sparse top-K plus the EMA defaults; eval mode, LM loss only) is run three times with "
+        "the same forward value and a different router-gradient estimator: `topk` (selected experts only), "
+        "`default` (unselected experts through their default vectors) and the reference, dense straight-through "
+        "(every unselected expert computed). Cosine similarity of each layer's router-weight gradient with the "
+        f"reference, mean over {s['eval_batches']} batches of {s['batch']}x{s['seq']} tokens "
+        "(benchmarks/fidelity.py, `estimator_forward`).\n"
     ]
     layers = None
     rows = []
