@@ -134,6 +134,19 @@ def test_training_loss_includes_router_losses_without_output_router_logits(num_d
     torch.testing.assert_close(train_out.loss, eval_out.lm_loss + 0.3 * expected_aux + 0.05 * expected_z)
 
 
+def test_no_grad_inference_skips_router_losses_unless_router_outputs_are_asked_for():
+    """Generation and evaluation do not pay for the router losses; the logits do not change."""
+    model = tiny_model().eval()
+    ids = random_ids()
+    with torch.no_grad():
+        plain = model(ids, labels=ids)
+        with_router = model(ids, labels=ids, output_router_logits=True)
+    assert plain.aux_loss is None and plain.z_loss is None
+    assert with_router.aux_loss is not None and len(with_router.router_logits) == 2
+    torch.testing.assert_close(plain.logits, with_router.logits, atol=0, rtol=0)
+    torch.testing.assert_close(plain.loss, model(ids, labels=ids).loss)  # with grad: same eval loss, aux returned
+
+
 def test_router_losses_scale_with_num_items_in_batch():
     """Under Trainer's `num_items_in_batch`, this micro-batch's router losses get the weight
     (its label tokens) / num_items_in_batch, like the LM loss (transformers issue #48690)."""

@@ -310,13 +310,15 @@ class DefaultMoeSparseMoeBlock(nn.Module):
         router_logits_TE, probs_TE, top_k_weights_TK, top_k_index_TK = self.gate(x_TH)
         expert_out_TKH = self.experts(x_TH, top_k_index_TK)
 
-        recompute = self.training and _in_backward_recompute()
-        if recompute:
+        if not self.training:  # no EMA update; the counts only feed the router losses
+            use_defaults = config.routing == "default" and config.default_in_inference
+            defaults_EH = self.default_outputs.ema if use_defaults else None
+            counts_E = self._routed_counts(top_k_index_TK, token_mask)[:, 0] if return_router_losses else None
+        elif _in_backward_recompute():  # activation checkpointing: replay exactly what the first pass used
             defaults_EH, counts_E = self._recompute_state
         else:
-            defaults_EH, counts_E = self._defaults_and_counts(probs_TE, top_k_index_TK, expert_out_TKH, token_mask)
-            if self.training:
-                self._recompute_state = (defaults_EH, counts_E)
+            defaults_EH, counts_E = self._training_statistics(probs_TE, top_k_index_TK, expert_out_TKH, token_mask)
+            self._recompute_state = (defaults_EH, counts_E)
 
         # sum_k w_k E_k(x): the standard sparse top-K output.
         out_TH = torch.einsum("tkh,tk->th", expert_out_TKH.float(), top_k_weights_TK)
@@ -330,32 +332,35 @@ class DefaultMoeSparseMoeBlock(nn.Module):
             return out_BSH
         return out_BSH, self._router_losses(router_logits_TE, probs_TE, counts_E, token_mask)
 
-    @torch.no_grad()
-    def _defaults_and_counts(self, probs_TE, top_k_index_TK, expert_out_TKH, token_mask):
-        """Default vectors to use in this forward (None if none) and the per-expert routed-token counts.
+    def _routed_counts(self, top_k_index_TK, token_mask) -> torch.Tensor:
+        """(E, 1) number of non-padding (token, expert) pairs routed to each expert."""
+        valid_N1 = torch.ones(top_k_index_TK.numel(), 1, device=top_k_index_TK.device)
+        if token_mask is not None:  # padding counts for nothing
+            valid_N1 = token_mask.view(-1, 1).expand_as(top_k_index_TK).reshape(-1, 1).float()
+        return torch.zeros(self.num_experts, 1, device=valid_N1.device).index_add_(0, top_k_index_TK.view(-1), valid_N1)
 
-        In training with routing="default" this also performs the EMA update of `default_outputs.ema` (Eq. 10):
+    @torch.no_grad()
+    def _training_statistics(self, probs_TE, top_k_index_TK, expert_out_TKH, token_mask):
+        """Per-expert routed-token counts and, with routing="default", the EMA update (Eq. 10).
+
         m_i = sum_t s_ti E_i(x_t) / sum_t s_ti over the tokens routed to i (s = 1, or s = p_ti with
         default_ema_weighting="router_prob"), then D_i <- beta D_i + (1 - beta) m_i for experts that got tokens.
-        Statistics are all-reduced across data-parallel ranks so every rank keeps the same D.
+        Counts and sums are all-reduced across data-parallel ranks (one collective), so every rank keeps the same D.
+        Returns (the defaults this forward uses, or None for routing="topk"; the counts (E,)).
         """
         config = self.config
-        num_tokens, top_k = top_k_index_TK.shape
-        valid_TK = torch.ones_like(top_k_index_TK, dtype=torch.bool)
-        if token_mask is not None:
-            valid_TK = valid_TK & token_mask.view(num_tokens, 1)  # padding counts for nothing
-        expert_ids_N = top_k_index_TK.reshape(-1)
-        update_ema = self.training and config.routing == "default"
-
-        valid_N = valid_TK.reshape(-1, 1).float()
-        stats = [torch.zeros(self.num_experts, 1, device=probs_TE.device).index_add_(0, expert_ids_N, valid_N)]
-        if update_ema:
-            out_NH = expert_out_TKH.reshape(num_tokens * top_k, -1).float()  # no copy in float32
-            scores_N1 = valid_N
+        counts_E1 = self._routed_counts(top_k_index_TK, token_mask)
+        stats = [counts_E1]
+        if config.routing == "default":
+            expert_ids_N = top_k_index_TK.reshape(-1)
+            out_NH = expert_out_TKH.reshape(expert_ids_N.numel(), -1).float()  # no copy in float32
+            scores_N1 = torch.ones_like(out_NH[:, :1])
+            if token_mask is not None:
+                scores_N1 = token_mask.view(-1, 1).expand_as(top_k_index_TK).reshape(-1, 1).float()
             if config.default_ema_weighting == "router_prob":
                 scores_N1 = scores_N1 * probs_TE.gather(1, top_k_index_TK).reshape(-1, 1)
-            # One pass over the N outputs (skipping the multiply when every score is 1); only when a sum comes out
-            # non-finite is it redone without the non-finite outputs (filtering up front cost ~25% of the layer).
+            # One pass over the N outputs (no multiply when every score is 1); only when a sum comes out non-finite
+            # is it redone without the non-finite outputs (filtering up front cost ~25% of the layer on CPU).
             unweighted = token_mask is None and config.default_ema_weighting == "mean"
             weighted_sums_EH = torch.zeros_like(self.default_outputs.ema).index_add_(
                 0, expert_ids_N, out_NH if unweighted else out_NH * scores_N1
@@ -369,23 +374,19 @@ class DefaultMoeSparseMoeBlock(nn.Module):
                 weighted_sums_EH = torch.zeros_like(weighted_sums_EH).index_add_(
                     0, expert_ids_N, torch.where(finite_N1, out_NH, 0.0) * scores_N1
                 )
-            score_sums_E1 = torch.zeros_like(stats[0]).index_add_(0, expert_ids_N, scores_N1)
-            stats += [score_sums_E1, weighted_sums_EH]
+            stats += [torch.zeros_like(counts_E1).index_add_(0, expert_ids_N, scores_N1), weighted_sums_EH]
         stats_E = torch.cat(stats, dim=1)
-        if self.training and config.all_reduce_router_stats and _distributed_world_size() > 1:
-            torch.distributed.all_reduce(stats_E)  # one collective per layer: counts (+ EMA sums)
+        if config.all_reduce_router_stats and _distributed_world_size() > 1:
+            torch.distributed.all_reduce(stats_E)
         counts_E = stats_E[:, 0]
-
-        if config.routing == "topk" or not (self.training or config.default_in_inference):
+        if config.routing == "topk":
             return None, counts_E
+
+        score_sums_E1, weighted_sums_EH = stats_E[:, 1:2], stats_E[:, 2:]
+        batch_mean_EH = weighted_sums_EH / score_sums_E1.clamp_min(torch.finfo(torch.float32).tiny)
         ema_EH = self.default_outputs.ema
-        if not update_ema:
-            return ema_EH, counts_E
-        score_sums_E, weighted_sums_EH = stats_E[:, 1], stats_E[:, 2:]
-        has_tokens_E1 = (score_sums_E > 0).unsqueeze(-1)
-        batch_mean_EH = weighted_sums_EH / score_sums_E.clamp_min(torch.finfo(torch.float32).tiny).unsqueeze(-1)
         beta = config.default_ema_beta
-        new_ema_EH = torch.where(has_tokens_E1, beta * ema_EH + (1.0 - beta) * batch_mean_EH, ema_EH)
+        new_ema_EH = torch.where(score_sums_E1 > 0, beta * ema_EH + (1.0 - beta) * batch_mean_EH, ema_EH)
         # The graph keeps its own tensor: updating the buffer in place must not touch what backward needs.
         used_EH = new_ema_EH if config.default_ema_update == "before_use" else ema_EH.clone()
         ema_EH.copy_(new_ema_EH)
@@ -447,8 +448,11 @@ class DefaultMoeDecoderLayer(GradientCheckpointingLayer):
         residual = hidden_states
         hidden_states = self.post_attention_layernorm(hidden_states)
         router_losses = None
-        if self.is_moe:
+        # Router losses cost ~25% of a CPU decode step: no-grad inference skips them unless router outputs are wanted.
+        if self.is_moe and (self.training or torch.is_grad_enabled() or kwargs.get("output_router_logits")):
             hidden_states, router_losses = self.mlp(hidden_states, token_mask=token_mask, return_router_losses=True)
+        elif self.is_moe:
+            hidden_states = self.mlp(hidden_states, token_mask=token_mask)
         else:
             hidden_states = self.mlp(hidden_states)
         return residual + hidden_states, router_losses
