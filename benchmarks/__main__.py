@@ -1,7 +1,7 @@
 """Run the benchmarks: `python -m benchmarks [--quick] [--only speed,fidelity,quality,conversion] [--out FILE]`.
 
 Writes a JSON file with the machine, the command, and every benchmark's results; `python -m benchmarks.report FILE...`
-turns it into markdown tables (benchmarks/RESULTS.md).
+turns it into markdown tables (as in BENCHMARKS.md).
 """
 
 from __future__ import annotations

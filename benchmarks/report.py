@@ -1,6 +1,6 @@
 """Render benchmark results (JSON from `python -m benchmarks`) as markdown.
 
-    python -m benchmarks.report benchmarks/results/speed.json benchmarks/results/fidelity_quality.json > RESULTS.md
+    python -m benchmarks.report benchmarks/results/speed.json benchmarks/results/fidelity_quality.json > tables.md
 
 Several files are merged (e.g. parts run separately); the tables say which command produced them.
 """

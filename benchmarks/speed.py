@@ -31,7 +31,6 @@ from .common import (
     our_config,
     train_step_fn,
 )
-from .proposed_fixes import ema_fast_path
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
@@ -93,9 +92,6 @@ def _models(s: dict, experts: int, top_k: int, inter: int, dtype, variants, seed
         if name in ("default", "topk"):
             model = build_ours(our_config(**shape, routing=name), seed=seed)
             model.load_state_dict(base.state_dict())
-        elif name == "default_fixed":
-            model = ema_fast_path.apply(build_ours(our_config(**shape, routing="default"), seed=seed))
-            model.load_state_dict(base.state_dict())
         elif name == "dense_st":
             model = make_dense_st(build_ours(our_config(**shape, routing="topk"), seed=seed))
             model.load_state_dict(base.state_dict())
@@ -151,11 +147,6 @@ def peer_implementation(s: dict, experts: int, top_k: int, inter: int) -> dict:
     return {"best": best, "times": _summarise(times, f"mixtral_{best}")}
 
 
-def _default_variants() -> list[str]:
-    """Our Default MoE as installed, plus the proposed EMA fast path while the installed model lacks it."""
-    return ["default"] if ema_fast_path.installed() else ["default", "default_fixed"]
-
-
 def _dtype_plan(s: dict) -> list[tuple[str, torch.dtype, int, int]]:
     """(name, dtype, batch rows, repetitions) per dtype."""
     return [("fp32", torch.float32, s["batch"], s["reps"]), ("bf16", torch.bfloat16, s["bf16_batch"], s["bf16_reps"])]
@@ -172,25 +163,21 @@ def training_steps(s: dict, log=_log) -> dict:
         out[key] = {"peer_implementation": choice}
         for dtype_name, dtype, rows, reps in _dtype_plan(s):
             batch = _batch(s, rows)
-            names = [*_default_variants(), "topk", mixtral]
+            names = ["default", "topk", mixtral]
             models = _models(s, experts, top_k, inter, dtype, names)
             times = interleaved_times({n: train_step_fn(m, batch) for n, m in models.items()}, reps=reps)
             res = {"tokens_per_step": batch.numel(), **_summarise(times, "topk")}
             res["default_overhead"] = res["default"]["ratio_vs_topk"] - 1
-            if "default_fixed" in res:
-                res["default_fixed_overhead"] = res["default_fixed"]["ratio_vs_topk"] - 1
             res["topk_vs_mixtral"] = median(times["topk"]) / median(times[mixtral])
             del models
             msg = f"{key} {dtype_name}: default/topk {res['default']['ratio_vs_topk']:.3f}"
-            if "default_fixed" in res:
-                msg += f", fixed/topk {res['default_fixed']['ratio_vs_topk']:.3f}"
             msg += f", topk/mixtral {res['topk_vs_mixtral']:.3f}"
             if dtype_name == "fp32":
                 # The dense straight-through variant costs E/K times the experts' FLOPs: fewer repetitions, fp32 only.
-                dense = _models(s, experts, top_k, inter, dtype, [_default_variants()[-1], "dense_st"])
+                dense = _models(s, experts, top_k, inter, dtype, ["default", "dense_st"])
                 dtimes = interleaved_times({n: train_step_fn(m, batch) for n, m in dense.items()}, s["dense_reps"])
-                res["dense_st"] = _summarise(dtimes, _default_variants()[-1])
-                res["dense_st_over_default"] = median(dtimes["dense_st"]) / median(dtimes[_default_variants()[-1]])
+                res["dense_st"] = _summarise(dtimes, "default")
+                res["dense_st_over_default"] = median(dtimes["dense_st"]) / median(dtimes["default"])
                 msg += f", dense_st/default {res['dense_st_over_default']:.2f}"
                 del dense
                 olmoe = _olmoe_models(s, experts, top_k, inter, dtype, impl)
@@ -213,7 +200,7 @@ def moe_layer(s: dict, log=_log) -> dict:
     for dtype_name, dtype, rows, _ in _dtype_plan(s):
         layer_reps = s["layer_reps"] if dtype_name == "fp32" else max(1, s["layer_reps"] // 3)
         for experts, top_k, inter in s["shapes"]:
-            models = _models(s, experts, top_k, inter, dtype, [*_default_variants(), "topk"])
+            models = _models(s, experts, top_k, inter, dtype, ["default", "topk"])
             gen = torch.Generator().manual_seed(5)
             x = torch.randn(rows, s["seq"], s["hidden"], generator=gen).to(dtype)
             fns = {}
@@ -234,9 +221,6 @@ def moe_layer(s: dict, log=_log) -> dict:
             res = {"tokens": x.shape[0] * x.shape[1], **_summarise(times, "topk")}
             res["default_overhead"] = res["default"]["ratio_vs_topk"] - 1
             msg = f"layer E{experts} K{top_k} {dtype_name}: default/topk {res['default']['ratio_vs_topk']:.3f}"
-            if "default_fixed" in res:
-                res["default_fixed_overhead"] = res["default_fixed"]["ratio_vs_topk"] - 1
-                msg += f", fixed/topk {res['default_fixed']['ratio_vs_topk']:.3f}"
             out[f"E{experts}_K{top_k}_I{inter}_{dtype_name}"] = res
             log(msg)
     return out
@@ -250,17 +234,13 @@ def overhead(s: dict, log=_log) -> dict:
     out = {}
     for experts, top_k, inter in s["shapes"]:
         batch = _batch(s)
-        models = _models(s, experts, top_k, inter, torch.float32, [*_default_variants(), "topk"])
+        models = _models(s, experts, top_k, inter, torch.float32, ["default", "topk"])
         cpu: dict = {}
         times = interleaved_times({n: train_step_fn(m, batch) for n, m in models.items()}, s["overhead_reps"], 1, cpu)
         res = {"wall": _summarise(times, "topk"), "cpu": _summarise(cpu, "topk")}
         key = f"E{experts}_K{top_k}_I{inter}"
         out[key] = res
-        msg = ", ".join(
-            f"{clock} {name}/topk {res[clock][name]['ratio_vs_topk']:.3f}"
-            for clock in ("wall", "cpu")
-            for name in _default_variants()
-        )
+        msg = ", ".join(f"{c} default/topk {res[c]['default']['ratio_vs_topk']:.3f}" for c in ("wall", "cpu"))
         log(f"overhead {key}: {msg}")
     return out
 
@@ -390,7 +370,7 @@ def peak_rss(s: dict, log=_log) -> dict:
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [root, env.get("PYTHONPATH")]))
     for experts, top_k, inter in s["shapes"]:
         res = {}
-        for variant in [*_default_variants(), "topk", "dense_st"]:
+        for variant in ["default", "topk", "dense_st"]:
             args = {"settings": s, "shape": [experts, top_k, inter], "dtype": "fp32", "variant": variant}
             proc = subprocess.run(
                 [sys.executable, "-m", "benchmarks.speed", json.dumps(args)],
@@ -402,7 +382,7 @@ def peak_rss(s: dict, log=_log) -> dict:
             )
             res[variant] = json.loads(proc.stdout.strip().splitlines()[-1])
         topk_growth = res["topk"]["peak_rss"] - res["topk"]["rss_before_steps"]
-        for variant in [*_default_variants(), "dense_st"]:
+        for variant in ["default", "dense_st"]:
             res[f"{variant}_over_topk_peak"] = res[variant]["peak_rss"] / res["topk"]["peak_rss"]
             growth = res[variant]["peak_rss"] - res[variant]["rss_before_steps"]
             res[f"{variant}_over_topk_step_growth"] = growth / topk_growth

@@ -1,8 +1,8 @@
 """Generation speed of the installed model vs transformers' Mixtral (grouped_mm), wall and CPU time.
 
-    PYTHONPATH=<package with a proposed fix applied>:. python -m benchmarks.proposed_fixes.generation_check
+    python -m benchmarks.generation_check [REPS]
 
-Used to check inference_skip_router_losses.diff on a patched copy of the package before the lead applies it.
+Interleaved repetitions in one process; the generation row of BENCHMARKS.md (40 repetitions) comes from it.
 """
 
 import sys
