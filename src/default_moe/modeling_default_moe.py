@@ -569,7 +569,10 @@ class DefaultMoeModelOutputWithPast(MoeModelOutputWithPast):
 @dataclass
 class DefaultMoeCausalLMOutputWithPast(MoeCausalLMOutputWithPast):
     """`loss` = lm_loss + router_aux_loss_coef * aux_loss + router_z_loss_coef * z_loss (the router terms in training
-    only); `aux_loss` and `z_loss` are the unscaled means over MoE layers."""
+    only, weighted by this micro-batch's share of `num_items_in_batch` when Trainer passes it); `aux_loss` and
+    `z_loss` are the unscaled means over MoE layers (None in no-grad inference without `output_router_logits`).
+    With `num_items_in_batch`, `lm_loss` is this micro-batch's summed token loss divided by that global count (as
+    transformers' causal-LM loss computes it), not a mean."""
 
     lm_loss: torch.Tensor | None = None
     z_loss: torch.Tensor | None = None
