@@ -239,8 +239,9 @@ class DefaultMoeExperts(nn.Module):
         num_tokens, top_k = top_k_index_TK.shape
         # Sort the N = T*K pairs by expert so each expert's tokens are contiguous for the grouped GEMM.
         expert_ids_N, order_N = torch.sort(top_k_index_TK.reshape(-1), stable=True)
-        tokens_per_expert_E = torch.bincount(expert_ids_N, minlength=self.num_experts)
-        offsets_E = torch.cumsum(tokens_per_expert_E, dim=0, dtype=torch.int32)
+        # histc, unlike bincount, needs no device-to-host sync on accelerators (counts stay exact below 2**24).
+        tokens_per_expert_E = torch.histc(expert_ids_N.float(), bins=self.num_experts, min=0, max=self.num_experts - 1)
+        offsets_E = torch.cumsum(tokens_per_expert_E, dim=0).to(torch.int32)
 
         x_NH = hidden_states_TH[order_N // top_k].to(self.gate_up_proj.dtype)
         gate_up_N2I = F.grouped_mm(x_NH, self.gate_up_proj.transpose(-2, -1), offs=offsets_E)
