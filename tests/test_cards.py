@@ -17,6 +17,7 @@ CONFIGS = {
     "all_moe": {"num_dense_layers": 0},
     "all_dense": {"num_dense_layers": 2},
     "qk_norm_bias": {"qk_norm": True, "attention_bias": True},
+    "post_norm_qk_norm": {"norm_placement": "post", "qk_norm": True},
     "gqa_head_dim": {"num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 6},
     "wide_dense": {"dense_intermediate_size": 24, "num_hidden_layers": 3},
     "top1_of_8": {"num_experts": 8, "num_experts_per_tok": 1},
@@ -95,6 +96,7 @@ def test_card_metadata_and_body(folder):
         ({"routing": "topk"}, "`topk`: standard sparse top-K MoE"),
         ({"default_ema_weighting": "router_prob", "default_ema_update": "after_use"}, "`after_use`"),
         ({"default_ema_beta": 0.65, "norm_topk_prob": True}, "| EMA decay beta | 0.65 |"),
+        ({"norm_placement": "post"}, "| RMSNorm placement | post: on attention and MLP outputs (OLMo-2 style) |"),
     ],
 )
 def test_card_reflects_routing_settings(tmp_path, overrides, expected):

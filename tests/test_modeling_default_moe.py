@@ -56,12 +56,16 @@ CHECKPOINT_CONFIGS = [
         router_z_loss_coef=0.1,
         num_dense_layers=1,
         num_hidden_layers=3,
+        norm_placement="post",
+        qk_norm=True,
     ),
     dict(routing="topk", router_aux_loss_coef=1.0),
 ]
 
 
-@pytest.mark.parametrize("overrides", CHECKPOINT_CONFIGS, ids=["paper", "causal-router_prob", "jitter-aux-z", "topk"])
+@pytest.mark.parametrize(
+    "overrides", CHECKPOINT_CONFIGS, ids=["paper", "causal-router_prob", "jitter-aux-z-dense-postnorm", "topk"]
+)
 @pytest.mark.parametrize("use_reentrant", [True, False], ids=["reentrant", "non-reentrant"])
 def test_activation_checkpointing_gives_identical_ema_and_gradients(overrides, use_reentrant):
     reference = train_steps(tiny_model(**overrides))
@@ -214,8 +218,9 @@ LOAD_SNIPPET = textwrap.dedent(
 )
 
 
-def test_saved_folder_loads_with_remote_code_in_a_fresh_process(tmp_path):
-    model = trained_tiny_model()
+@pytest.mark.parametrize("norm_placement", ["pre", "post"])
+def test_saved_folder_loads_with_remote_code_in_a_fresh_process(tmp_path, norm_placement):
+    model = trained_tiny_model(norm_placement=norm_placement)
     assert all(ema.abs().sum() > 0 for ema in emas(model))
     model.save_pretrained(tmp_path)
     assert {"configuration_default_moe.py", "modeling_default_moe.py", "config.json"} <= set(os.listdir(tmp_path))

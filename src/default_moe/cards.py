@@ -117,6 +117,8 @@ def _architecture_rows(config: DefaultMoeConfig, counts: dict[str, int]) -> list
         ("Activation", config.hidden_act),
         ("Tied embeddings", bool(config.tie_word_embeddings)),
     ]
+    if config.norm_placement == "post":
+        rows.append(("RMSNorm placement", "post: on attention and MLP outputs (OLMo-2 style)"))
     if config.qk_norm:
         rows.append(("q/k RMSNorm (OLMoE style)", True))
     if config.clip_qkv is not None:

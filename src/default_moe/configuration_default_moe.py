@@ -8,6 +8,7 @@ from transformers.configuration_utils import PreTrainedConfig
 ROUTINGS = ("default", "topk")
 EMA_WEIGHTINGS = ("mean", "router_prob")
 EMA_UPDATES = ("before_use", "after_use")
+NORM_PLACEMENTS = ("pre", "post")
 
 
 class DefaultMoeConfig(PreTrainedConfig):
@@ -18,8 +19,11 @@ class DefaultMoeConfig(PreTrainedConfig):
 
     Decoder fields follow Mixtral/OLMoE. `qk_norm` is OLMoE's RMSNorm over the *whole* q and k projections (before the
     per-head reshape); `clip_qkv` clamps q, k and v; `router_jitter_noise` is Mixtral's multiplicative input jitter in
-    training. The first `num_dense_layers` layers use a dense SwiGLU MLP of width `dense_intermediate_size`
-    (default: `intermediate_size`), as the paper does for the first layer.
+    training. `norm_placement` says where each sublayer's RMSNorm sits: `"pre"` normalises the attention and MLP
+    *inputs*, `x + f(norm(x))` (Llama, Mixtral, OLMoE); `"post"` normalises their *outputs* inside the residual
+    branch, `x + norm(f(x))` (OLMo-2's reordered norm, FlexOlmo). The first `num_dense_layers` layers use a dense
+    SwiGLU MLP of width `dense_intermediate_size` (default: `intermediate_size`), as the paper does for the first
+    layer.
 
     MoE fields: `num_experts`, `num_experts_per_tok` (K), `norm_topk_prob` (divide the K selected probabilities by
     their sum; Mixtral always does, OLMoE and the paper do not), `router_aux_loss_coef` (Switch load-balancing loss,
@@ -62,6 +66,7 @@ class DefaultMoeConfig(PreTrainedConfig):
     attention_bias: bool = False
     attention_dropout: float | int = 0.0
     sliding_window: int | None = None
+    norm_placement: str = "pre"
     qk_norm: bool = False
     clip_qkv: float | None = None
     router_jitter_noise: float = 0.0
@@ -119,6 +124,8 @@ class DefaultMoeConfig(PreTrainedConfig):
             fail("num_experts_per_tok", f"at most num_experts={self.num_experts}")
         if not 0 <= self.num_dense_layers <= self.num_hidden_layers:
             fail("num_dense_layers", f"an integer in [0, num_hidden_layers={self.num_hidden_layers}]")
+        if self.norm_placement not in NORM_PLACEMENTS:
+            fail("norm_placement", f"one of {NORM_PLACEMENTS}")
         if self.routing not in ROUTINGS:
             fail("routing", f"one of {ROUTINGS}")
         if self.default_ema_weighting not in EMA_WEIGHTINGS:

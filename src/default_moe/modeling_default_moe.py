@@ -421,8 +421,15 @@ class DefaultMoeDecoderLayer(GradientCheckpointingLayer):
         self.self_attn = DefaultMoeAttention(config, layer_idx)
         self.is_moe = layer_idx >= config.num_dense_layers
         self.mlp = DefaultMoeSparseMoeBlock(config) if self.is_moe else DefaultMoeMLP(config)
-        self.input_layernorm = DefaultMoeRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        # The norms keep the names of the models each placement comes from, so checkpoints map one to one:
+        # pre (Llama): input_layernorm before attention, post_attention_layernorm before the MLP;
+        # post (OLMo-2): post_attention_layernorm after attention, post_feedforward_layernorm after the MLP.
+        self.pre_norm = config.norm_placement == "pre"
+        if self.pre_norm:
+            self.input_layernorm = DefaultMoeRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.post_attention_layernorm = DefaultMoeRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        if not self.pre_norm:
+            self.post_feedforward_layernorm = DefaultMoeRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
 
     def forward(
         self,
@@ -438,16 +445,17 @@ class DefaultMoeDecoderLayer(GradientCheckpointingLayer):
         module) so that reentrant activation checkpointing keeps their graph (DESIGN §3)."""
         residual = hidden_states
         hidden_states, _ = self.self_attn(
-            self.input_layernorm(hidden_states),
+            self.input_layernorm(hidden_states) if self.pre_norm else hidden_states,
             position_embeddings=position_embeddings,
             attention_mask=attention_mask,
             position_ids=position_ids,
             past_key_values=past_key_values,
             **kwargs,
         )
-        hidden_states = residual + hidden_states
+        hidden_states = residual + (hidden_states if self.pre_norm else self.post_attention_layernorm(hidden_states))
         residual = hidden_states
-        hidden_states = self.post_attention_layernorm(hidden_states)
+        if self.pre_norm:
+            hidden_states = self.post_attention_layernorm(hidden_states)
         router_losses = None
         # Router losses cost ~25% of a CPU decode step: no-grad inference skips them unless router outputs are wanted.
         if self.is_moe and (self.training or torch.is_grad_enabled() or kwargs.get("output_router_logits")):
@@ -456,6 +464,8 @@ class DefaultMoeDecoderLayer(GradientCheckpointingLayer):
             hidden_states = self.mlp(hidden_states, token_mask=token_mask)
         else:
             hidden_states = self.mlp(hidden_states)
+        if not self.pre_norm:
+            hidden_states = self.post_feedforward_layernorm(hidden_states)
         return residual + hidden_states, router_losses
 
 

@@ -92,6 +92,8 @@ DENSE_SOURCES = {
     ),
     "mistral-sliding-fp32": ("mistral", dict(sliding_window=4), "fp32", None),
     "qwen2-tied-fp32": ("qwen2", dict(tie_word_embeddings=True), "fp32", "8KB"),
+    "olmo2-sharded-bias-fp32": ("olmo2", dict(attention_bias=True), "fp32", "8KB"),
+    "olmo2-tied-bf16": ("olmo2", dict(tie_word_embeddings=True, intermediate_size=48), "bf16", None),
 }
 
 CLASSES = {
@@ -100,6 +102,7 @@ CLASSES = {
     "llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
     "mistral": (transformers.MistralConfig, transformers.MistralForCausalLM),
     "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM),
+    "olmo2": (transformers.Olmo2Config, transformers.Olmo2ForCausalLM),
 }
 
 

@@ -1,4 +1,4 @@
-"""Sparse upcycling of dense Llama/Mistral/Qwen2 models: step 0 equals the dense model (transformers' own)."""
+"""Sparse upcycling of dense Llama/Mistral/Qwen2/OLMo-2 models: step 0 equals the dense model (transformers' own)."""
 
 import json
 
@@ -23,6 +23,13 @@ CASES = {
     "llama-bf16-E4-K2-G2": ("llama-tied-bias-bf16", dict(num_experts=4, top_k=2, granularity=2)),
     "mistral-E4-K1-G1": ("mistral-sliding-fp32", dict(num_experts=4, top_k=1)),
     "qwen2-E8-K4-G4": ("qwen2-tied-fp32", dict(num_experts=8, top_k=4, granularity=4, seed=7)),
+    # OLMo-2: norms on the sublayer outputs (norm_placement="post") and q/k norms over the whole projections.
+    "olmo2-E4-K2-G1": ("olmo2-sharded-bias-fp32", dict(num_experts=4, top_k=2)),
+    "olmo2-E8-K4-G2-dense1": (
+        "olmo2-sharded-bias-fp32",
+        dict(num_experts=8, top_k=4, granularity=2, num_dense_layers=1),
+    ),
+    "olmo2-bf16-E6-K2-G2": ("olmo2-tied-bf16", dict(num_experts=6, top_k=2, granularity=2)),
 }
 
 
@@ -44,6 +51,8 @@ def test_upcycled_model_equals_dense_model_at_step_0(sources, tmp_path, case):
     )
     assert cfg.intermediate_size * granularity == dense_width == cfg.dense_intermediate_size
     assert cfg.num_dense_layers == options.get("num_dense_layers", 0)
+    olmo2 = source.model_type == "olmo2"
+    assert (cfg.norm_placement, cfg.qk_norm) == (("post", True) if olmo2 else ("pre", False))
 
     reference = source.load_reference()
     ours = DefaultMoeForCausalLM.from_pretrained(dst, dtype=torch.float32).eval()
@@ -113,6 +122,14 @@ def test_upcycled_llama_exports_to_a_mixtral_that_equals_it(sources, tmp_path):
         torch.testing.assert_close(stock(random_inputs()).logits, reference(random_inputs()).logits, atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize(("target", "name"), [("mixtral", "Mixtral"), ("olmoe", "OLMoE")])
+def test_upcycled_olmo2_does_not_export_to_pre_norm_layouts(sources, tmp_path, target, name):
+    moe = convert(sources["olmo2-sharded-bias-fp32"].folder, tmp_path / "moe", num_experts=4, progress=False)
+    with pytest.raises(ValueError, match=f"cannot export to {name}: .*norm_placement='post'"):
+        export(moe, tmp_path / "out", to=target)
+    assert not (tmp_path / "out").exists()
+
+
 @pytest.mark.parametrize(
     ("options", "message"),
     [
@@ -129,16 +146,6 @@ def test_bad_upcycling_options(sources, tmp_path, options, message):
 
 
 def test_unsupported_dense_variants(tmp_path):
-    import transformers
-
-    olmo2 = transformers.Olmo2ForCausalLM(
-        transformers.Olmo2Config(
-            vocab_size=128, hidden_size=32, intermediate_size=32, num_hidden_layers=1, num_attention_heads=4
-        )
-    )
-    olmo2.save_pretrained(tmp_path / "olmo2")
-    with pytest.raises(ValueError, match="OLMo-2 .*post-norm"):
-        convert(tmp_path / "olmo2", tmp_path / "out")
     llama = build_model("llama", 0, mlp_bias=True)
     save_source(llama, tmp_path / "mlp_bias", "original", "fp32", None)
     with pytest.raises(ValueError, match="mlp_bias=True"):

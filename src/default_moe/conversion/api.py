@@ -153,7 +153,7 @@ def convert(
     overwrite: bool = False,
     progress: bool | None = None,
 ) -> Path:
-    """Convert a Mixtral/OLMoE checkpoint (or upcycle a Llama/Mistral/Qwen2 one) into a Default MoE checkpoint.
+    """Convert a Mixtral/OLMoE checkpoint (or upcycle a Llama/Mistral/Qwen2/OLMo-2 one) into a Default MoE checkpoint.
 
     Returns the output folder. See docs/conversion.md for every option; upcycling options (`num_experts`, `top_k`,
     `granularity`, `num_dense_layers`, `norm_topk_prob`, `seed`) are rejected for MoE sources, whose routing is

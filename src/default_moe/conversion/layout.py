@@ -3,8 +3,9 @@
 Canonical layout (what `DefaultMoeForCausalLM` loads):
 
     model.embed_tokens.weight                              (V, H)
-    model.layers.{i}.input_layernorm.weight                (H,)
-    model.layers.{i}.post_attention_layernorm.weight       (H,)
+    model.layers.{i}.input_layernorm.weight                (H,)          norm_placement="pre" (before attention)
+    model.layers.{i}.post_attention_layernorm.weight       (H,)          pre: before the MLP; post: after attention
+    model.layers.{i}.post_feedforward_layernorm.weight     (H,)          norm_placement="post" (after the MLP)
     model.layers.{i}.self_attn.{q,k,v,o}_proj.weight       (+ .bias if attention_bias)
     model.layers.{i}.self_attn.{q,k}_norm.weight           if qk_norm, widths heads*head_dim and kv_heads*head_dim
     model.layers.{i}.mlp.gate.weight                       (E, H)        MoE layers (i >= num_dense_layers)
@@ -184,7 +185,8 @@ def plan_decoder(builder: PlanBuilder, config, plan_mlp: Callable[[PlanBuilder, 
     builder.copy("model.embed_tokens.weight", "model.embed_tokens.weight", (vocab, hidden))
     for layer in range(config.num_hidden_layers):
         prefix = f"model.layers.{layer}"
-        builder.copy(f"{prefix}.input_layernorm.weight", f"{prefix}.input_layernorm.weight", (hidden,))
+        if config.norm_placement == "pre":
+            builder.copy(f"{prefix}.input_layernorm.weight", f"{prefix}.input_layernorm.weight", (hidden,))
         for suffix, shape in attention_shapes(config).items():
             name = f"{prefix}.self_attn.{suffix}"
             if suffix in zero_fill:
@@ -197,6 +199,9 @@ def plan_decoder(builder: PlanBuilder, config, plan_mlp: Callable[[PlanBuilder, 
             f"{prefix}.post_attention_layernorm.weight", f"{prefix}.post_attention_layernorm.weight", (hidden,)
         )
         plan_mlp(builder, layer)
+        if config.norm_placement == "post":
+            name = f"{prefix}.post_feedforward_layernorm.weight"
+            builder.copy(name, name, (hidden,))
     builder.copy("model.norm.weight", "model.norm.weight", (hidden,))
     if not config.tie_word_embeddings:
         builder.copy("lm_head.weight", "lm_head.weight", (vocab, hidden))

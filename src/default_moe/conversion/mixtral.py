@@ -47,6 +47,11 @@ def plan(builder: PlanBuilder, config) -> None:
 
 def export_config(config) -> MixtralConfig:
     target = "Mixtral"
+    require(
+        config.norm_placement == "pre",
+        target,
+        f"Mixtral normalises attention and MLP inputs (norm_placement={config.norm_placement!r} here)",
+    )
     require(config.norm_topk_prob, target, "Mixtral always renormalises the top-k weights (norm_topk_prob=False here)")
     require(not config.qk_norm, target, "Mixtral has no q/k norm (qk_norm=True here)")
     require(config.clip_qkv is None, target, "Mixtral has no clip_qkv")

@@ -51,6 +51,11 @@ def plan(builder: PlanBuilder, config) -> None:
 
 def export_config(config) -> OlmoeConfig:
     target = "OLMoE"
+    require(
+        config.norm_placement == "pre",
+        target,
+        f"OLMoE normalises attention and MLP inputs (norm_placement={config.norm_placement!r} here)",
+    )
     require(config.qk_norm, target, "OLMoE always has q/k norms (qk_norm=False here)")
     require(config.sliding_window is None, target, "OLMoE has no sliding window")
     require(

@@ -1,9 +1,11 @@
 """Sparse upcycling of dense Llama-family models (Komatsuzaki et al. 2022; NVIDIA arXiv 2410.07524).
 
-Everything but the MLPs is carried over. Each MLP of width I becomes E experts of width I/G (granularity G): the
-dense FFN is split into G slices along its hidden width and expert e gets slice e mod G. The router of every MoE
-layer is the NVIDIA "virtual group" init: E/G fresh rows (normal, std `initializer_range`), each repeated G times,
-so the G experts of a group (e = jG .. jG+G-1, one of each slice) always share a probability.
+Sources: Llama, Mistral, Qwen2 and OLMo-2 (whose norms sit on the sublayer outputs: `norm_placement="post"`, with
+q/k norms over the whole projections). Everything but the MLPs is carried over. Each MLP of width I becomes E
+experts of width I/G (granularity G): the dense FFN is split into G slices along its hidden width and expert e gets
+slice e mod G. The router of every MoE layer is the NVIDIA "virtual group" init: E/G fresh rows (normal, std
+`initializer_range`), each repeated G times, so the G experts of a group (e = jG .. jG+G-1, one of each slice)
+always share a probability.
 
 Why step 0 reproduces the dense model exactly (with `norm_topk_prob=True`, the default, and zero defaults):
 with K a multiple of G, top-K always selects whole groups (K/G of them); the renormalised weights of a selected
@@ -33,11 +35,6 @@ MODEL_TYPES = ("llama", "mistral", "qwen2", "olmo2")
 def default_moe_fields(
     src, model_type: str, num_experts: int, top_k: int, granularity: int, num_dense_layers: int, norm_topk_prob: bool
 ) -> dict:
-    if model_type == "olmo2":
-        raise ConversionError(
-            "OLMo-2 normalises the attention and MLP *outputs* (post-norm blocks), which Default MoE's pre-norm "
-            "decoder cannot express; OLMo-2 upcycling is not supported"
-        )
     if getattr(src, "mlp_bias", False):
         raise ConversionError(f"{model_type} checkpoints with mlp_bias=True are not supported (experts have no bias)")
     width = src.intermediate_size
@@ -68,12 +65,14 @@ def default_moe_fields(
     else:
         attention_bias = bool(getattr(src, "attention_bias", False))
         sliding_window = getattr(src, "sliding_window", None) if model_type == "mistral" else None
+    olmo2 = model_type == "olmo2"  # norms on the sublayer outputs, and q/k norms over the whole projections
     return decoder_config_fields(src) | {
         "intermediate_size": width // granularity,
         "dense_intermediate_size": width,
         "num_dense_layers": num_dense_layers,
         "attention_bias": attention_bias,
-        "qk_norm": False,
+        "norm_placement": "post" if olmo2 else "pre",
+        "qk_norm": olmo2,
         "clip_qkv": None,
         "sliding_window": sliding_window,
         "router_jitter_noise": 0.0,
