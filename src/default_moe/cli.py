@@ -14,7 +14,7 @@ COMMANDS = {
     "demo": ("default_moe.training.demo", "train tiny Default MoE and top-K models side by side, then generate"),
     "train": ("default_moe.training.cli", "train or fine-tune with transformers.Trainer"),
     "compare": ("default_moe.training.compare", "compare routing='default' with routing='topk' on any config/data"),
-    "convert": ("default_moe.conversion.cli", "convert a Mixtral/OLMoE checkpoint or upcycle a dense one"),
+    "convert": ("default_moe.conversion.cli", "convert a Mixtral/OLMoE/FlexOlmo checkpoint or upcycle a dense one"),
     "export": ("default_moe.conversion.export_cli", "write a Default MoE checkpoint back as Mixtral or OLMoE"),
     "card": ("default_moe.cards", "write the README.md model card of a checkpoint folder"),
     "push": ("default_moe.hub", "upload a checkpoint folder to the Hugging Face Hub"),

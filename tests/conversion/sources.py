@@ -80,6 +80,21 @@ MOE_SOURCES = {
         "bf16",
         "20KB",
     ),
+    # OLMoE with OLMo-2's norms on the sublayer outputs (norm_placement="post").
+    "flex_olmo-original-sharded-fp32": (
+        "flex_olmo",
+        dict(num_experts=4, num_experts_per_tok=2, attention_bias=True),
+        "original",
+        "fp32",
+        "8KB",
+    ),
+    "flex_olmo-fused-bf16-tied-renorm": (
+        "flex_olmo",
+        dict(num_experts=4, num_experts_per_tok=3, tie_word_embeddings=True, norm_topk_prob=True),
+        "fused",
+        "bf16",
+        None,
+    ),
 }
 
 DENSE_SOURCES = {
@@ -99,6 +114,7 @@ DENSE_SOURCES = {
 CLASSES = {
     "mixtral": (transformers.MixtralConfig, transformers.MixtralForCausalLM),
     "olmoe": (transformers.OlmoeConfig, transformers.OlmoeForCausalLM),
+    "flex_olmo": (transformers.FlexOlmoConfig, transformers.FlexOlmoForCausalLM),
     "llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
     "mistral": (transformers.MistralConfig, transformers.MistralForCausalLM),
     "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM),
@@ -111,7 +127,7 @@ def build_model(model_type: str, seed: int, **kwargs):
     fields = dict(
         vocab_size=VOCAB,
         hidden_size=HIDDEN,
-        intermediate_size=16 if model_type in ("mixtral", "olmoe") else 32,
+        intermediate_size=32 if model_type in ("llama", "mistral", "qwen2", "olmo2") else 16,
         num_hidden_layers=2,
         num_attention_heads=4,
         num_key_value_heads=2,

@@ -1,4 +1,4 @@
-"""Mixtral/OLMoE -> Default MoE -> Mixtral/OLMoE against transformers' own models."""
+"""Mixtral/OLMoE/FlexOlmo -> Default MoE -> Mixtral/OLMoE/FlexOlmo against transformers' own models."""
 
 import json
 
@@ -114,13 +114,14 @@ def test_config_mapping(converted, name):
     assert cfg.router_aux_loss_coef == pytest.approx(src["router_aux_loss_coef"] * top_k)
     assert cfg.num_experts == src.get("num_local_experts", src.get("num_experts"))
     assert cfg.tie_word_embeddings == src["tie_word_embeddings"]
+    assert cfg.norm_placement == ("post" if source.model_type == "flex_olmo" else "pre")
     if source.model_type == "mixtral":
         assert cfg.norm_topk_prob and not cfg.qk_norm
         assert cfg.sliding_window == src["sliding_window"]
         assert cfg.router_jitter_noise == src["router_jitter_noise"]
     else:
         assert cfg.qk_norm and cfg.norm_topk_prob == src["norm_topk_prob"]
-        assert cfg.clip_qkv == src["clip_qkv"] and cfg.attention_bias == src["attention_bias"]
+        assert cfg.clip_qkv == src.get("clip_qkv") and cfg.attention_bias == src["attention_bias"]
 
 
 @pytest.mark.parametrize("name", list(MOE_SOURCES))
@@ -183,11 +184,21 @@ def test_routing_options_are_written(converted, tmp_path):
     assert cfg.router_aux_loss_coef == 0.03
 
 
-def test_export_refuses_what_the_target_cannot_express(converted, tmp_path):
-    source, dst, _ = converted["olmoe-original-sharded-fp32-clip"]
-    with pytest.raises(ValueError, match="cannot export to Mixtral: .*norm_topk_prob=False"):
-        export(dst, tmp_path / "x", to="mixtral")
-    mixtral_dst = converted["mixtral-original-sharded-fp32"][1]
-    with pytest.raises(ValueError, match="cannot export to OLMoE: OLMoE always has q/k norms"):
-        export(mixtral_dst, tmp_path / "y", to="olmoe")
-    assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
+@pytest.mark.parametrize(
+    ("name", "to", "message"),
+    [
+        ("olmoe-original-sharded-fp32-clip", "mixtral", "cannot export to Mixtral: .*norm_topk_prob=False"),
+        ("mixtral-original-sharded-fp32", "olmoe", "cannot export to OLMoE: OLMoE always has q/k norms"),
+        ("flex_olmo-original-sharded-fp32", "olmoe", "cannot export to OLMoE: .*inputs .*norm_placement='post'"),
+        ("flex_olmo-original-sharded-fp32", "mixtral", "cannot export to Mixtral: .*norm_placement='post'"),
+        (
+            "olmoe-original-sharded-fp32-clip",
+            "flex_olmo",
+            "cannot export to FlexOlmo: .*outputs .*norm_placement='pre'",
+        ),
+    ],
+)
+def test_export_refuses_what_the_target_cannot_express(converted, tmp_path, name, to, message):
+    with pytest.raises(ValueError, match=message):
+        export(converted[name][1], tmp_path / "out", to=to)
+    assert not (tmp_path / "out").exists()

@@ -245,7 +245,7 @@ def test_real_subprocess(sources, tmp_path):
     )
     assert result.returncode == 1
     assert result.stderr.strip().splitlines() == [
-        f"error: unsupported model_type 'gpt2' in {src / 'config.json'}: expected one of mixtral, olmoe, llama, "
-        "mistral, qwen2, olmo2"
+        f"error: unsupported model_type 'gpt2' in {src / 'config.json'}: expected one of mixtral, olmoe, flex_olmo, "
+        "llama, mistral, qwen2, olmo2"
     ]
     assert not dst.exists()

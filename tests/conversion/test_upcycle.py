@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 from safetensors.torch import load_file
-from transformers import MixtralForCausalLM
+from transformers import FlexOlmoForCausalLM, MixtralForCausalLM
 
 from conversion.sources import build_model, folder_digest, random_inputs, save_source
 from default_moe import DefaultMoeConfig, DefaultMoeForCausalLM
@@ -112,12 +112,21 @@ def test_without_renormalisation_step_0_differs(sources, tmp_path):
     assert difference > 1e-3
 
 
-def test_upcycled_llama_exports_to_a_mixtral_that_equals_it(sources, tmp_path):
-    source = sources["llama-sharded-fp32"]
+@pytest.mark.parametrize(
+    ("source_name", "target", "target_class"),
+    [
+        ("llama-sharded-fp32", "mixtral", MixtralForCausalLM),
+        ("olmo2-sharded-bias-fp32", "flex_olmo", FlexOlmoForCausalLM),
+    ],
+)
+def test_upcycled_model_exports_to_a_stock_moe_that_equals_the_dense_model(
+    sources, tmp_path, source_name, target, target_class
+):
+    source = sources[source_name]
     moe = convert(source.folder, tmp_path / "moe", num_experts=4, top_k=2, progress=False)
-    mixtral = export(moe, tmp_path / "mixtral", to="mixtral", progress=False)
+    exported = export(moe, tmp_path / target, to=target, progress=False)
     reference = source.load_reference()
-    stock = MixtralForCausalLM.from_pretrained(mixtral, dtype=torch.float32).eval()
+    stock = target_class.from_pretrained(exported, dtype=torch.float32).eval()
     with torch.no_grad():
         torch.testing.assert_close(stock(random_inputs()).logits, reference(random_inputs()).logits, atol=1e-5, rtol=0)
 

@@ -1,4 +1,4 @@
-"""`convert` (Mixtral/OLMoE -> Default MoE, dense -> Default MoE by upcycling) and `export` (back to Mixtral/OLMoE).
+"""`convert` (Mixtral/OLMoE/FlexOlmo -> Default MoE, dense -> Default MoE by upcycling) and `export` (back).
 
 Both follow the same steps: resolve SRC (local folder, or a Hub repo id), read and check its config, plan every
 output tensor with its shape (checking every source tensor against the config on the way, before anything is
@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from . import mixtral, olmoe, upcycle
+from . import flex_olmo, mixtral, olmoe, upcycle
 from .io import (
     CheckpointReader,
     ConversionError,
@@ -28,9 +28,8 @@ from .layout import PlanBuilder
 
 logger = logging.getLogger(__name__)
 
-MOE_SOURCES = {"mixtral": mixtral, "olmoe": olmoe}
-EXPORT_TARGETS = {"mixtral": mixtral, "olmoe": olmoe}
-SOURCE_TYPES = ("mixtral", "olmoe", *upcycle.MODEL_TYPES)
+MOE_MODELS = {"mixtral": mixtral, "olmoe": olmoe, "flex_olmo": flex_olmo}  # converted both ways
+SOURCE_TYPES = (*MOE_MODELS, *upcycle.MODEL_TYPES)
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 # Files carried over from SRC besides the weights and config: tokenizer, chat template, generation config.
 CARRIED_FILES = re.compile(
@@ -153,7 +152,7 @@ def convert(
     overwrite: bool = False,
     progress: bool | None = None,
 ) -> Path:
-    """Convert a Mixtral/OLMoE checkpoint (or upcycle a Llama/Mistral/Qwen2/OLMo-2 one) into a Default MoE checkpoint.
+    """Convert a Mixtral/OLMoE/FlexOlmo checkpoint (or upcycle a Llama/Mistral/Qwen2/OLMo-2 one) into Default MoE.
 
     Returns the output folder. See docs/conversion.md for every option; upcycling options (`num_experts`, `top_k`,
     `granularity`, `num_dense_layers`, `norm_topk_prob`, `seed`) are rejected for MoE sources, whose routing is
@@ -212,7 +211,7 @@ def convert(
             norm_topk_prob=True if norm_topk_prob is None else norm_topk_prob,
         )
     else:
-        fields = MOE_SOURCES[model_type].default_moe_fields(src_config)
+        fields = MOE_MODELS[model_type].default_moe_fields(src_config)
     overrides = {
         "routing": routing,
         "default_ema_beta": ema_beta,
@@ -236,7 +235,7 @@ def convert(
     if is_upcycle:
         upcycle.plan(builder, config, model_type, granularity=granularity or 1, seed=seed)
     else:
-        MOE_SOURCES[model_type].plan(builder, config)
+        MOE_MODELS[model_type].plan(builder, config)
     plans = builder.finish()
     config.dtype = _common_dtype(plans)
 
@@ -274,14 +273,14 @@ def export(
     overwrite: bool = False,
     progress: bool | None = None,
 ) -> Path:
-    """Write a Default MoE checkpoint back in Mixtral's or OLMoE's original per-expert Hub layout.
+    """Write a Default MoE checkpoint back in Mixtral's, OLMoE's or FlexOlmo's original per-expert Hub layout.
 
     The EMA defaults are dropped (stock transformers has no place for them), so the exported model computes the
     Default MoE model's top-K output, which equals its full output only while the defaults are zero. Returns DST.
     """
     dst = Path(dst)
-    if to not in EXPORT_TARGETS:
-        raise ConversionError(f"unknown --to {to!r}: expected one of {', '.join(EXPORT_TARGETS)}")
+    if to not in MOE_MODELS:
+        raise ConversionError(f"unknown --to {to!r}: expected one of {', '.join(MOE_MODELS)}")
     out_dtype = _dtype(dtype)
     max_shard_bytes = parse_size(max_shard_size)
     if Path(src).exists():
@@ -300,7 +299,7 @@ def export(
         config = DefaultMoeConfig.from_pretrained(src_path)
     except ValueError as error:
         raise ConversionError(str(error)) from error
-    target = EXPORT_TARGETS[to]
+    target = MOE_MODELS[to]
     target_config = target.export_config(config)
     reader = CheckpointReader(src_path)
     builder = PlanBuilder(reader, out_dtype, "Default MoE checkpoint")

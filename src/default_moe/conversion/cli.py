@@ -1,4 +1,4 @@
-"""`default-moe convert SRC DST`: Mixtral/OLMoE -> Default MoE, or sparse upcycling of a dense model."""
+"""`default-moe convert SRC DST`: Mixtral/OLMoE/FlexOlmo -> Default MoE, or sparse upcycling of a dense model."""
 
 import argparse
 

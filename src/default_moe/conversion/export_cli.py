@@ -1,14 +1,15 @@
-"""`default-moe export SRC DST --to mixtral|olmoe`: a Default MoE checkpoint in the original per-expert layout."""
+"""`default-moe export SRC DST --to mixtral|olmoe|flex_olmo`: a Default MoE checkpoint in the original layout."""
 
 import argparse
 
+from .api import MOE_MODELS
 from .cli import add_common_arguments
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("src", metavar="SRC", help="Default MoE checkpoint folder (or a Hub repo id)")
     parser.add_argument("dst", metavar="DST", help="output folder (created; must be empty unless --overwrite)")
-    parser.add_argument("--to", required=True, choices=["mixtral", "olmoe"], help="target architecture")
+    parser.add_argument("--to", required=True, choices=list(MOE_MODELS), help="target architecture")
     add_common_arguments(parser)
 
 

@@ -212,7 +212,7 @@ def plan_decoder(builder: PlanBuilder, config, plan_mlp: Callable[[PlanBuilder, 
 def plan_moe_source_layer(
     builder: PlanBuilder, layer: int, config, block: str, per_expert: tuple[str, str, str]
 ) -> None:
-    """One MoE layer of a Mixtral/OLMoE-style source -> canonical, from per-expert names or transformers 5 fused.
+    """One MoE layer of a Mixtral/OLMoE/FlexOlmo source -> canonical, from per-expert names or transformers 5 fused.
 
     `block` is the source MoE module name ("block_sparse_moe" or "mlp"); `per_expert` the (gate, up, down) names
     under `{block}.experts.{e}.`. transformers 5 saves fused tensors under `mlp.` whatever the original name.
@@ -299,7 +299,7 @@ def decoder_config_fields(src) -> dict:
 
 
 def export_decoder_fields(config) -> dict:
-    """The inverse of `decoder_config_fields`, for writing a Mixtral/OLMoE config."""
+    """The inverse of `decoder_config_fields`, for writing a Mixtral/OLMoE/FlexOlmo config."""
     fields = {
         key: getattr(config, key)
         for key in (
@@ -325,7 +325,7 @@ def export_decoder_fields(config) -> dict:
         )
     }
     fields["rope_parameters"] = dict(config.rope_parameters) if config.rope_parameters else None
-    # Our Switch loss is 1.0 at balance, transformers' Mixtral/OLMoE loss is K: carry the coefficient back.
+    # Our Switch loss is 1.0 at balance, transformers' MoE losses are K: carry the coefficient back.
     fields["router_aux_loss_coef"] = config.router_aux_loss_coef / config.num_experts_per_tok
     return fields
 

@@ -32,8 +32,9 @@ def default_moe_fields(src: OlmoeConfig) -> dict:
     return decoder_config_fields(src) | {
         "intermediate_size": src.intermediate_size,
         "attention_bias": bool(src.attention_bias),
+        "norm_placement": "pre",
         "qk_norm": True,
-        "clip_qkv": src.clip_qkv,
+        "clip_qkv": getattr(src, "clip_qkv", None),  # FlexOlmo (flex_olmo.py) has none
         "sliding_window": None,
         "router_jitter_noise": 0.0,
         "num_experts": src.num_experts,
@@ -49,25 +50,32 @@ def plan(builder: PlanBuilder, config) -> None:
     plan_decoder(builder, config, lambda b, layer: plan_moe_source_layer(b, layer, config, BLOCK, PER_EXPERT))
 
 
-def export_config(config) -> OlmoeConfig:
-    target = "OLMoE"
+def check_exportable(config, target: str, norm_placement: str) -> None:
+    """What OLMoE and FlexOlmo share: q/k norms, no sliding window or dense layers, head_dim = hidden/heads."""
+    where = {"pre": "inputs", "post": "outputs"}[norm_placement]
     require(
-        config.norm_placement == "pre",
+        config.norm_placement == norm_placement,
         target,
-        f"OLMoE normalises attention and MLP inputs (norm_placement={config.norm_placement!r} here)",
+        f"{target} normalises attention and MLP {where} (norm_placement={config.norm_placement!r} here)",
     )
-    require(config.qk_norm, target, "OLMoE always has q/k norms (qk_norm=False here)")
-    require(config.sliding_window is None, target, "OLMoE has no sliding window")
+    require(config.qk_norm, target, f"{target} always has q/k norms (qk_norm=False here)")
+    require(config.sliding_window is None, target, f"{target} has no sliding window")
     require(
-        config.num_dense_layers == 0, target, f"OLMoE has no dense layers (num_dense_layers={config.num_dense_layers})"
+        config.num_dense_layers == 0,
+        target,
+        f"{target} has no dense layers (num_dense_layers={config.num_dense_layers})",
     )
     require(
         config.head_dim * config.num_attention_heads == config.hidden_size,
         target,
-        f"OLMoE's head_dim is hidden_size/num_attention_heads (head_dim={config.head_dim} here)",
+        f"{target}'s head_dim is hidden_size/num_attention_heads (head_dim={config.head_dim} here)",
     )
     if config.router_jitter_noise:
-        logger.warning("OLMoE has no router jitter: router_jitter_noise=%s is dropped", config.router_jitter_noise)
+        logger.warning("%s has no router jitter: router_jitter_noise=%s is dropped", target, config.router_jitter_noise)
+
+
+def export_config(config) -> OlmoeConfig:
+    check_exportable(config, "OLMoE", "pre")
     return OlmoeConfig(
         **export_decoder_fields(config),
         attention_bias=config.attention_bias,
