@@ -330,6 +330,15 @@ def export_decoder_fields(config) -> dict:
     return fields
 
 
+def require_norm_placement(config, target: str, placement: str) -> None:
+    where = {"pre": "inputs", "post": "outputs"}[placement]
+    require(
+        config.norm_placement == placement,
+        target,
+        f"{target} normalises attention and MLP {where} (norm_placement={config.norm_placement!r} here)",
+    )
+
+
 def require(condition: bool, target: str, why: str) -> None:
     if not condition:
         raise ConversionError(f"cannot export to {target}: {why}")

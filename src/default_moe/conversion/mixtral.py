@@ -17,6 +17,7 @@ from .layout import (
     plan_moe_export_layer,
     plan_moe_source_layer,
     require,
+    require_norm_placement,
 )
 
 MODEL_TYPE = "mixtral"
@@ -47,11 +48,7 @@ def plan(builder: PlanBuilder, config) -> None:
 
 def export_config(config) -> MixtralConfig:
     target = "Mixtral"
-    require(
-        config.norm_placement == "pre",
-        target,
-        f"Mixtral normalises attention and MLP inputs (norm_placement={config.norm_placement!r} here)",
-    )
+    require_norm_placement(config, target, "pre")
     require(config.norm_topk_prob, target, "Mixtral always renormalises the top-k weights (norm_topk_prob=False here)")
     require(not config.qk_norm, target, "Mixtral has no q/k norm (qk_norm=True here)")
     require(config.clip_qkv is None, target, "Mixtral has no clip_qkv")

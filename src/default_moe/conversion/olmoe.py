@@ -19,6 +19,7 @@ from .layout import (
     plan_moe_export_layer,
     plan_moe_source_layer,
     require,
+    require_norm_placement,
 )
 
 logger = logging.getLogger(__name__)
@@ -52,12 +53,7 @@ def plan(builder: PlanBuilder, config) -> None:
 
 def check_exportable(config, target: str, norm_placement: str) -> None:
     """What OLMoE and FlexOlmo share: q/k norms, no sliding window or dense layers, head_dim = hidden/heads."""
-    where = {"pre": "inputs", "post": "outputs"}[norm_placement]
-    require(
-        config.norm_placement == norm_placement,
-        target,
-        f"{target} normalises attention and MLP {where} (norm_placement={config.norm_placement!r} here)",
-    )
+    require_norm_placement(config, target, norm_placement)
     require(config.qk_norm, target, f"{target} always has q/k norms (qk_norm=False here)")
     require(config.sliding_window is None, target, f"{target} has no sliding window")
     require(
