@@ -2,8 +2,6 @@
 Mixtral/OLMoE blocks when the defaults are zero. Tolerance: 1e-5 absolute plus 1e-5 relative in float32 (the
 implementations sum the same terms in a different order)."""
 
-import logging
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -99,11 +97,12 @@ def run_against_reference(overrides, training, steps=3):
         y = block(x_ours)
         y_ref, ref_ema = reference_block(ref_block, x.view(-1, x.shape[-1]), ref_ema, training)
         torch.testing.assert_close(y.view(-1, x.shape[-1]), y_ref, atol=ATOL, rtol=RTOL)
-        torch.testing.assert_close(block.default_outputs.ema, ref_ema, atol=ATOL, rtol=RTOL)
         # Same upstream gradient through both: router, expert and input gradients must agree.
         upstream = torch.randn_like(y_ref)
         (y.view(-1, x.shape[-1]) * upstream).sum().backward()
         (y_ref * upstream).sum().backward()
+        # A training forward's EMA update is committed by its backward.
+        torch.testing.assert_close(block.default_outputs.ema, ref_ema, atol=ATOL, rtol=RTOL)
         for name, parameter in block.named_parameters():
             ref_parameter = dict(ref_block.named_parameters())[name]
             torch.testing.assert_close(parameter.grad, ref_parameter.grad, atol=ATOL, rtol=1e-4, msg=name)
@@ -123,8 +122,49 @@ def test_eval_forward_never_updates_ema():
     block = make_block().eval()
     torch.nn.init.normal_(block.default_outputs.ema)
     before = block.default_outputs.ema.clone()
-    block(torch.randn(2, 5, 32))
+    block(torch.randn(2, 5, 32)).sum().backward()
     assert torch.equal(block.default_outputs.ema, before)
+
+
+def no_grad_forward(block, x):
+    with torch.no_grad():
+        block(x)
+
+
+def inference_mode_forward(block, x):
+    with torch.inference_mode():
+        block(x)
+
+
+def forward_without_backward(block, x):
+    block(x)
+
+
+def forward_and_backward(block, x):
+    block(x).sum().backward()
+
+
+def frozen_forward(block, x):
+    block.requires_grad_(False)
+    block(x)
+
+
+@pytest.mark.parametrize(
+    ("run", "updates"),
+    [
+        (no_grad_forward, False),  # e.g. DPO's reference pass with the adapter disabled, model in training mode
+        (inference_mode_forward, False),
+        (forward_without_backward, False),  # the graph is never trained
+        (forward_and_backward, True),
+        (frozen_forward, True),  # nothing can be recomputed: committed at once (calibration does this)
+    ],
+    ids=lambda v: getattr(v, "__name__", str(v)),
+)
+def test_only_training_mode_forwards_that_train_move_the_ema(run, updates):
+    block = make_block().train()
+    before = block.default_outputs.ema.clone()
+    run(block, torch.randn(2, 5, 32))
+    assert torch.equal(block.default_outputs.ema, before) != updates
 
 
 def test_router_gets_gradient_from_unselected_experts_only_with_defaults():
@@ -178,27 +218,25 @@ def test_padding_tokens_stay_out_of_the_ema():
     x = torch.randn(1, 6, 32)
     padded = torch.cat([x, torch.randn(1, 4, 32) * 50], dim=1)
     mask = torch.tensor([True] * 6 + [False] * 4)
-    block(padded, token_mask=mask)
+    block(padded, token_mask=mask).sum().backward()
     with_padding = block.default_outputs.ema.clone()
     block.default_outputs.ema.zero_()
-    block(x)
+    block(x).sum().backward()
     torch.testing.assert_close(with_padding, block.default_outputs.ema, atol=ATOL, rtol=RTOL)
 
 
-def test_non_finite_expert_outputs_never_enter_the_ema(caplog):
+def test_non_finite_expert_outputs_never_enter_the_ema():
     block = make_block(num_experts=4, num_experts_per_tok=4).train()  # every expert sees every token
     with torch.no_grad():
         block.experts.down_proj[2].fill_(float("inf"))
         block.experts.down_proj[3, 0, 0] = float("nan")
-    DefaultMoeSparseMoeBlock._warned_non_finite = False
-    with caplog.at_level(logging.WARNING):
-        block(torch.randn(2, 3, 32))
-        block(torch.randn(2, 3, 32))
+    for _ in range(2):
+        block(torch.randn(2, 3, 32)).sum().backward()
     ema = block.default_outputs.ema
     assert torch.isfinite(ema).all()
     assert ema[:2].abs().sum(-1).min() > 0  # healthy experts updated
     assert ema[2:].abs().sum() == 0  # broken experts kept their (zero) defaults
-    assert sum("Non-finite expert outputs" in r.getMessage() for r in caplog.records) == 1  # warned once
+    assert block.default_outputs.non_finite_updates.item() == 4  # 2 experts x 2 forwards (DefaultMoeCallback warns)
 
 
 def test_ema_stays_float32_under_bfloat16():
@@ -207,6 +245,7 @@ def test_ema_stays_float32_under_bfloat16():
     assert block.experts.gate_up_proj.dtype == torch.bfloat16
     y = block(torch.randn(2, 4, 32, dtype=torch.bfloat16))
     assert y.dtype == torch.bfloat16
+    y.float().sum().backward()
     assert block.default_outputs.ema.dtype == torch.float32 and block.default_outputs.ema.abs().sum() > 0
 
 

@@ -9,6 +9,7 @@ import torch
 
 import default_moe
 from default_moe import DefaultMoeConfig, DefaultMoeForCausalLM
+from default_moe.conversion.calibrate import warm_defaults
 
 SRC = Path(default_moe.__file__).resolve().parent.parent  # the folder the editable install puts on sys.path
 INPUT_IDS = torch.tensor([[1, 5, 9, 2, 7, 3, 11, 4], [6, 2, 8, 10, 1, 12, 3, 9]])
@@ -34,13 +35,11 @@ def tiny_config(**overrides) -> DefaultMoeConfig:
 
 
 def tiny_model(seed: int = 0, warm_ema: bool = True, **overrides) -> DefaultMoeForCausalLM:
-    """A tiny model in eval mode; with `warm_ema` one training-mode forward has moved the EMA defaults off zero."""
+    """A tiny model in eval mode; with `warm_ema` one forward has moved the EMA defaults off zero."""
     torch.manual_seed(seed)
     model = DefaultMoeForCausalLM(tiny_config(**overrides))
     if warm_ema:
-        model.train()
-        with torch.no_grad():
-            model(INPUT_IDS)
+        warm_defaults(model, [INPUT_IDS])
     return model.eval()
 
 

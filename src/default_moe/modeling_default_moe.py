@@ -14,6 +14,7 @@ Shape legend: B batch, S sequence, T = B*S tokens, H hidden, E experts, K expert
 N = T*K (token, expert) pairs. Suffixes name the shapes, e.g. `probs_TE`.
 """
 
+import inspect
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -24,18 +25,31 @@ from transformers import initialization as init
 from transformers.activations import ACT2FN
 from transformers.cache_utils import Cache, DynamicCache
 from transformers.generation import GenerationMixin
+from transformers.integrations.moe import ExpertsInterface, use_experts_implementation
 from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 from transformers.modeling_layers import GradientCheckpointingLayer
-from transformers.modeling_outputs import MoeCausalLMOutputWithPast, MoeModelOutputWithPast
+from transformers.modeling_outputs import CausalLMOutputWithPast, MoeModelOutputWithPast
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS, dynamic_rope_update
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, PreTrainedModel
-from transformers.utils import logging
+from transformers.utils import can_return_tuple, logging
 from transformers.utils.generic import merge_with_config_defaults
 from transformers.utils.output_capturing import OutputRecorder, capture_outputs
 
 from .configuration_default_moe import DefaultMoeConfig
 
 logger = logging.get_logger(__name__)
+
+# transformers 5.24 renamed the KV-cache argument and output field `past_key_values` to `cache` (the old name is
+# deprecated, announced for removal in 5.40); 5.20-5.23 know only `past_key_values`. Forwards accept both names and
+# hand the cache on, and return it, under the name the running release uses.
+CACHE_NAME = "cache" if "cache" in MoeModelOutputWithPast.__dataclass_fields__ else "past_key_values"
+_MASK_CACHE_NAME = "cache" if "cache" in inspect.signature(create_causal_mask).parameters else "past_key_values"
+
+
+def _one_cache(cache: Cache | None, past_key_values: Cache | None) -> Cache | None:
+    if cache is not None and past_key_values is not None:
+        raise ValueError("Pass the KV cache as `cache` or as `past_key_values`, not both.")
+    return cache if cache is not None else past_key_values
 
 
 class DefaultMoeRMSNorm(nn.Module):
@@ -140,7 +154,7 @@ class DefaultMoeAttention(nn.Module):
             self.q_norm = DefaultMoeRMSNorm(q_width, eps=config.rms_norm_eps)
             self.k_norm = DefaultMoeRMSNorm(kv_width, eps=config.rms_norm_eps)
 
-    def forward(self, hidden_states, position_embeddings, attention_mask, past_key_values=None, **kwargs):
+    def forward(self, hidden_states, position_embeddings, attention_mask, cache=None, **kwargs):
         input_shape = hidden_states.shape[:-1]
         hidden_shape = (*input_shape, -1, self.head_dim)
 
@@ -162,8 +176,8 @@ class DefaultMoeAttention(nn.Module):
         cos, sin = position_embeddings
         query_states, key_states = apply_rotary_pos_emb(query_states, key_states, cos, sin)
 
-        if past_key_values is not None:
-            key_states, value_states = past_key_values.update(key_states, value_states, self.layer_idx)
+        if cache is not None:
+            key_states, value_states = cache.update(key_states, value_states, self.layer_idx)
 
         attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
             self.config._attn_implementation, eager_attention_forward
@@ -218,11 +232,79 @@ class DefaultMoeTopKRouter(nn.Module):
         return router_logits_TE, probs_TE, top_k_weights_TK, top_k_index_TK
 
 
-class DefaultMoeExperts(nn.Module):
-    """E SwiGLU experts as fused 3-D weights, computed sparsely with one grouped GEMM per projection.
+_TORCH_BEFORE_2_11 = tuple(int(part) for part in torch.__version__.split("+")[0].split(".")[:2]) < (2, 11)
 
-    Returns the *unweighted* output of every selected (token, expert) pair: the block needs them both for the
-    weighted combination and for the per-expert EMA statistics.
+
+def _grouped_mm_usable(x_NH: torch.Tensor, weight: torch.Tensor) -> bool:
+    """The rules of transformers' `_can_use_grouped_mm` (integrations/moe.py) for `F.grouped_mm`: not while compiling
+    in a dtype other than bf16 (torch's fake kernel is bf16-only); on CUDA from compute capability 8.0; on CPU with
+    torch 2.10 only for 16-byte aligned inputs (memory-mapped safetensors need not be)."""
+    if torch.compiler.is_compiling():
+        return weight.dtype == torch.bfloat16 and not (weight.device.type == "cpu" and _TORCH_BEFORE_2_11)
+    if weight.device.type == "cuda":
+        return torch.cuda.get_device_capability(weight.device) >= (8, 0)
+    if weight.device.type == "cpu" and _TORCH_BEFORE_2_11:
+        return weight.data_ptr() % 16 == 0 and x_NH.data_ptr() % 16 == 0
+    return True
+
+
+def _grouped_pair_outputs(experts, hidden_states_TH: torch.Tensor, top_k_index_TK: torch.Tensor) -> torch.Tensor:
+    """(T, H), (T, K) -> (N, H) unweighted outputs of the N = T*K pairs, one grouped GEMM per projection."""
+    top_k = top_k_index_TK.shape[1]
+    # Sort the pairs by expert so each expert's tokens are contiguous for the grouped GEMM.
+    expert_ids_N, order_N = torch.sort(top_k_index_TK.reshape(-1), stable=True)
+    # histc, unlike bincount, needs no device-to-host sync on accelerators (counts stay exact below 2**24).
+    counts_E = torch.histc(expert_ids_N.float(), bins=experts.num_experts, min=0, max=experts.num_experts - 1)
+    offsets_E = torch.cumsum(counts_E, dim=0).to(torch.int32)
+    x_NH = hidden_states_TH[order_N // top_k].to(experts.gate_up_proj.dtype)
+    if not _grouped_mm_usable(x_NH, experts.gate_up_proj):
+        return _batched_pair_outputs(experts, hidden_states_TH, top_k_index_TK)
+    gate_up_N2I = F.grouped_mm(x_NH, experts.gate_up_proj.transpose(-2, -1), offs=offsets_E)
+    out_NH = F.grouped_mm(experts.gated(gate_up_N2I), experts.down_proj.transpose(-2, -1), offs=offsets_E)
+    # Undo the sort: pair n of the flat (T*K) order sits at position inverse[n] of the sorted order.
+    inverse_N = torch.empty_like(order_N)
+    inverse_N[order_N] = torch.arange(order_N.numel(), device=order_N.device)
+    return out_NH[inverse_N]
+
+
+def _batched_pair_outputs(experts, hidden_states_TH: torch.Tensor, top_k_index_TK: torch.Tensor) -> torch.Tensor:
+    """(T, H), (T, K) -> (N, H) like `_grouped_pair_outputs`, as one batched matmul per projection over each pair's
+    own expert weights (transformers' `batched_mm`): any dtype, device or compiler, at N x 2I x H gathered weights."""
+    expert_ids_N = top_k_index_TK.reshape(-1)
+    x_NH = hidden_states_TH.repeat_interleave(top_k_index_TK.shape[1], dim=0).to(experts.gate_up_proj.dtype)
+    gate_up_N2I = torch.bmm(experts.gate_up_proj[expert_ids_N], x_NH.unsqueeze(-1)).squeeze(-1)
+    return torch.bmm(experts.down_proj[expert_ids_N], experts.gated(gate_up_N2I).unsqueeze(-1)).squeeze(-1)
+
+
+def _experts_forward(experts, hidden_states_TH, top_k_index_TK, top_k_weights_TK=None) -> torch.Tensor:
+    """transformers' experts call, (T, H), (T, K), (T, K) -> (T, H) = sum_k w_k E_k(x) in the input dtype; without
+    weights, the unweighted output of every selected pair, (T, K, H) in the weights' dtype (for the EMA)."""
+    num_tokens, top_k = top_k_index_TK.shape
+    pair_outputs = _PAIR_OUTPUTS.get(experts.config._experts_implementation, _grouped_pair_outputs)
+    out_TKH = pair_outputs(experts, hidden_states_TH, top_k_index_TK).view(num_tokens, top_k, -1)
+    if top_k_weights_TK is None:
+        return out_TKH
+    return torch.einsum("tkh,tk->th", out_TKH.float(), top_k_weights_TK.float()).to(hidden_states_TH.dtype)
+
+
+# `experts_implementation=` / `set_experts_implementation` choose among these as for transformers' own MoEs:
+# "grouped_mm" (the default, falling back to the batched path where grouped_mm cannot run) and "batched_mm" are
+# ours, because the EMA needs per-pair outputs from the same kernels; "eager" is the class's own forward (the grouped
+# path); transformers' other registered kernels serve the standard call.
+_PAIR_OUTPUTS = {"grouped_mm": _grouped_pair_outputs, "batched_mm": _batched_pair_outputs}
+DEFAULT_MOE_EXPERTS_FUNCTIONS = ExpertsInterface()
+for _name in _PAIR_OUTPUTS:
+    DEFAULT_MOE_EXPERTS_FUNCTIONS[_name] = _experts_forward
+
+
+@use_experts_implementation(experts_interface=DEFAULT_MOE_EXPERTS_FUNCTIONS)
+class DefaultMoeExperts(nn.Module):
+    """E SwiGLU experts as fused 3-D weights: `gate_up_proj` (E, 2I, H), gate half first, and `down_proj` (E, H, I).
+
+    `experts(hidden_states, top_k_index, top_k_weights)` is transformers' experts interface (the call serving
+    engines replace with their fused kernels); `experts(hidden_states, top_k_index)` gives the *unweighted* output
+    of every selected pair instead, which training needs for the EMA statistics, from the same kernels (a call that
+    PEFT's parameter wrappers pass through).
     """
 
     def __init__(self, config: DefaultMoeConfig):
@@ -234,24 +316,12 @@ class DefaultMoeExperts(nn.Module):
         self.down_proj = nn.Parameter(torch.empty(config.num_experts, config.hidden_size, config.intermediate_size))
         self.act_fn = ACT2FN[config.hidden_act]
 
-    def forward(self, hidden_states_TH: torch.Tensor, top_k_index_TK: torch.Tensor) -> torch.Tensor:
-        """(T, H), (T, K) -> (T, K, H) unweighted expert outputs, in the weights' dtype."""
-        num_tokens, top_k = top_k_index_TK.shape
-        # Sort the N = T*K pairs by expert so each expert's tokens are contiguous for the grouped GEMM.
-        expert_ids_N, order_N = torch.sort(top_k_index_TK.reshape(-1), stable=True)
-        # histc, unlike bincount, needs no device-to-host sync on accelerators (counts stay exact below 2**24).
-        tokens_per_expert_E = torch.histc(expert_ids_N.float(), bins=self.num_experts, min=0, max=self.num_experts - 1)
-        offsets_E = torch.cumsum(tokens_per_expert_E, dim=0).to(torch.int32)
+    def forward(self, hidden_states_TH, top_k_index_TK, top_k_weights_TK=None) -> torch.Tensor:
+        return _experts_forward(self, hidden_states_TH, top_k_index_TK, top_k_weights_TK)
 
-        x_NH = hidden_states_TH[order_N // top_k].to(self.gate_up_proj.dtype)
-        gate_up_N2I = F.grouped_mm(x_NH, self.gate_up_proj.transpose(-2, -1), offs=offsets_E)
+    def gated(self, gate_up_N2I: torch.Tensor) -> torch.Tensor:
         gate_NI, up_NI = gate_up_N2I.chunk(2, dim=-1)
-        out_NH = F.grouped_mm(self.act_fn(gate_NI) * up_NI, self.down_proj.transpose(-2, -1), offs=offsets_E)
-
-        # Undo the sort: pair n of the flat (T*K) order sits at position inverse[n] of the sorted order.
-        inverse_N = torch.empty_like(order_N)
-        inverse_N[order_N] = torch.arange(order_N.numel(), device=order_N.device)
-        return out_NH[inverse_N].view(num_tokens, top_k, -1)
+        return self.act_fn(gate_NI) * up_NI
 
 
 class DefaultMoeDefaults(nn.Module):
@@ -259,11 +329,14 @@ class DefaultMoeDefaults(nn.Module):
 
     It is its own submodule so PEFT can keep it trainable-state via `modules_to_save=["default_outputs"]`.
     `_apply` keeps `ema` in float32 through `model.to(torch.bfloat16)` / `.half()` (device moves still apply).
+    `non_finite_updates` counts expert updates skipped because the expert's outputs were not finite (read by
+    `DefaultMoeCallback`, which warns; counting it needs no host sync in the forward).
     """
 
     def __init__(self, num_experts: int, hidden_size: int):
         super().__init__()
         self.ema = nn.Buffer(torch.zeros(num_experts, hidden_size, dtype=torch.float32), persistent=True)
+        self.non_finite_updates = nn.Buffer(torch.zeros((), dtype=torch.long), persistent=False)
 
     def _apply(self, fn, recurse=True):
         ema_fp32 = self.ema
@@ -273,15 +346,8 @@ class DefaultMoeDefaults(nn.Module):
         return self
 
 
-def _in_backward_recompute() -> bool:
-    """True while autograd runs a backward pass, i.e. when activation checkpointing recomputes a forward."""
-    return torch._C._current_graph_task_id() != -1
-
-
 class DefaultMoeSparseMoeBlock(nn.Module):
     """Top-K MoE with EMA default vectors for the unselected experts (DESIGN §2)."""
-
-    _warned_non_finite = False
 
     def __init__(self, config: DefaultMoeConfig):
         super().__init__()
@@ -291,9 +357,6 @@ class DefaultMoeSparseMoeBlock(nn.Module):
         self.gate = DefaultMoeTopKRouter(config)
         self.experts = DefaultMoeExperts(config)
         self.default_outputs = DefaultMoeDefaults(config.num_experts, config.hidden_size)
-        # What the last first-pass training forward used (defaults and global token counts), so that an
-        # activation-checkpointing recompute sees exactly the same values (DESIGN §3).
-        self._recompute_state: tuple[torch.Tensor | None, torch.Tensor] | None = None
 
     def forward(self, hidden_states: torch.Tensor, token_mask: torch.Tensor | None = None, return_router_losses=False):
         """(B, S, H) -> (B, S, H). `token_mask` (B*S,) bool excludes padding from the EMA and the router losses.
@@ -309,20 +372,22 @@ class DefaultMoeSparseMoeBlock(nn.Module):
             hidden_states = hidden_states * noise
         x_TH = hidden_states.reshape(-1, hidden_size)
         router_logits_TE, probs_TE, top_k_weights_TK, top_k_index_TK = self.gate(x_TH)
-        expert_out_TKH = self.experts(x_TH, top_k_index_TK)
 
-        if not self.training:  # no EMA update; the counts only feed the router losses
+        if self.training:  # the EMA statistics need every pair's unweighted output
+            expert_out_TKH = self.experts(x_TH, top_k_index_TK)
+            # sum_k w_k E_k(x): the standard sparse top-K output.
+            out_TH = torch.einsum("tkh,tk->th", expert_out_TKH.float(), top_k_weights_TK)
+            defaults_EH, counts_E, ema_update = self._training_statistics(
+                probs_TE, top_k_index_TK, expert_out_TKH, token_mask
+            )
+            if ema_update is not None:
+                self._commit_when_trained(ema_update, anchors=(probs_TE, expert_out_TKH))
+        else:  # no EMA update; the counts only feed the router losses
+            out_TH = self.experts(x_TH, top_k_index_TK, top_k_weights_TK).float()
             use_defaults = config.routing == "default" and config.default_in_inference
             defaults_EH = self.default_outputs.ema if use_defaults else None
             counts_E = self._routed_counts(top_k_index_TK, token_mask)[:, 0] if return_router_losses else None
-        elif _in_backward_recompute():  # activation checkpointing: replay exactly what the first pass used
-            defaults_EH, counts_E = self._recompute_state
-        else:
-            defaults_EH, counts_E = self._training_statistics(probs_TE, top_k_index_TK, expert_out_TKH, token_mask)
-            self._recompute_state = (defaults_EH, counts_E)
 
-        # sum_k w_k E_k(x): the standard sparse top-K output.
-        out_TH = torch.einsum("tkh,tk->th", expert_out_TKH.float(), top_k_weights_TK)
         if defaults_EH is not None:
             # sum_{i not in topK} p_i D_i (Eq. 7): raw probabilities with the selected experts zeroed, times D.
             # D is a constant: the gradient flows only to the router, dL/dp_i = <dL/dy, D_i>.
@@ -342,12 +407,14 @@ class DefaultMoeSparseMoeBlock(nn.Module):
 
     @torch.no_grad()
     def _training_statistics(self, probs_TE, top_k_index_TK, expert_out_TKH, token_mask):
-        """Per-expert routed-token counts and, with routing="default", the EMA update (Eq. 10).
+        """Per-expert routed-token counts and, with routing="default", this forward's EMA update (Eq. 10).
 
         m_i = sum_t s_ti E_i(x_t) / sum_t s_ti over the tokens routed to i (s = 1, or s = p_ti with
         default_ema_weighting="router_prob"), then D_i <- beta D_i + (1 - beta) m_i for experts that got tokens.
         Counts and sums are all-reduced across data-parallel ranks (one collective), so every rank keeps the same D.
-        Returns (the defaults this forward uses, or None for routing="topk"; the counts (E,)).
+        An expert whose sum is not finite (an overflowing expert) keeps its D this time: skipping it takes no host
+        sync, where dropping single tokens would. Returns (the defaults this forward uses, or None for
+        routing="topk"; the counts (E,); the update for `_commit_ema`, or None).
         """
         config = self.config
         counts_E1 = self._routed_counts(top_k_index_TK, token_mask)
@@ -360,38 +427,57 @@ class DefaultMoeSparseMoeBlock(nn.Module):
                 scores_N1 = token_mask.view(-1, 1).expand_as(top_k_index_TK).reshape(-1, 1).float()
             if config.default_ema_weighting == "router_prob":
                 scores_N1 = scores_N1 * probs_TE.gather(1, top_k_index_TK).reshape(-1, 1)
-            # One pass over the N outputs (no multiply when every score is 1); only when a sum comes out non-finite
-            # is it redone without the non-finite outputs (filtering up front cost ~25% of the layer on CPU).
-            unweighted = token_mask is None and config.default_ema_weighting == "mean"
+            unweighted = token_mask is None and config.default_ema_weighting == "mean"  # no multiply by ones
             weighted_sums_EH = torch.zeros_like(self.default_outputs.ema).index_add_(
                 0, expert_ids_N, out_NH if unweighted else out_NH * scores_N1
             )
-            if not bool(torch.isfinite(weighted_sums_EH).all()):
-                finite_N1 = torch.isfinite(out_NH).all(dim=-1, keepdim=True)
-                if not bool(finite_N1.all()) and not DefaultMoeSparseMoeBlock._warned_non_finite:
-                    DefaultMoeSparseMoeBlock._warned_non_finite = True
-                    logger.warning("Non-finite expert outputs were left out of the Default MoE EMA update.")
-                scores_N1 = scores_N1 * finite_N1
-                weighted_sums_EH = torch.zeros_like(weighted_sums_EH).index_add_(
-                    0, expert_ids_N, torch.where(finite_N1, out_NH, 0.0) * scores_N1
-                )
             stats += [torch.zeros_like(counts_E1).index_add_(0, expert_ids_N, scores_N1), weighted_sums_EH]
         stats_E = torch.cat(stats, dim=1)
         if config.all_reduce_router_stats and _distributed_world_size() > 1:
             torch.distributed.all_reduce(stats_E)
         counts_E = stats_E[:, 0]
         if config.routing == "topk":
-            return None, counts_E
+            return None, counts_E, None
 
         score_sums_E1, weighted_sums_EH = stats_E[:, 1:2], stats_E[:, 2:]
-        batch_mean_EH = weighted_sums_EH / score_sums_E1.clamp_min(torch.finfo(torch.float32).tiny)
-        ema_EH = self.default_outputs.ema
-        beta = config.default_ema_beta
-        new_ema_EH = torch.where(score_sums_E1 > 0, beta * ema_EH + (1.0 - beta) * batch_mean_EH, ema_EH)
-        # The graph keeps its own tensor: updating the buffer in place must not touch what backward needs.
-        used_EH = new_ema_EH if config.default_ema_update == "before_use" else ema_EH.clone()
-        ema_EH.copy_(new_ema_EH)
-        return used_EH, counts_E
+        routed_E1 = score_sums_E1 > 0
+        finite_E1 = torch.isfinite(weighted_sums_EH).all(dim=-1, keepdim=True)
+        update = (routed_E1 & finite_E1, weighted_sums_EH / score_sums_E1.clamp_min(torch.finfo(torch.float32).tiny))
+        if config.default_ema_update == "after_use":
+            # The graph keeps its own tensor: the update of the buffer in place must not touch what backward needs.
+            return self.default_outputs.ema.clone(), counts_E, (*update, routed_E1 & ~finite_E1)
+        return self._ema_after(*update), counts_E, (*update, routed_E1 & ~finite_E1)
+
+    def _ema_after(self, update_E1: torch.Tensor, batch_mean_EH: torch.Tensor) -> torch.Tensor:
+        """D <- beta D + (1 - beta) m for the experts in `update_E1`, as a new tensor."""
+        ema_EH, beta = self.default_outputs.ema, self.config.default_ema_beta
+        return torch.where(update_E1, beta * ema_EH + (1.0 - beta) * batch_mean_EH, ema_EH)
+
+    @torch.no_grad()
+    def _commit_ema(self, update_E1, batch_mean_EH, non_finite_E1) -> None:
+        self.default_outputs.ema.copy_(self._ema_after(update_E1, batch_mean_EH))
+        self.default_outputs.non_finite_updates.add_(non_finite_E1.sum())
+
+    def _commit_when_trained(self, ema_update: tuple, anchors: tuple[torch.Tensor, ...]) -> None:
+        """Commit this forward's EMA update only if the forward trains (DESIGN §3).
+
+        A training-mode forward under `no_grad` / `inference_mode` (a reference or rollout pass, the first pass of
+        reentrant checkpointing) commits nothing. Otherwise the update is committed when the router probabilities or
+        the expert outputs receive their gradient. Those gradients come out of nodes that read this block's saved
+        tensors, so a non-reentrant checkpointing recompute has already run, on the D this forward saw; a reentrant
+        one recomputes with gradients and commits then. So each trained forward commits exactly once, whatever the
+        checkpointing, and no forward's state has to be stashed. A block in which nothing requires grad (frozen,
+        with frozen inputs) and a compiled graph commit at once: neither can be recomputed by a checkpoint.
+        """
+        if not torch.is_grad_enabled():
+            return
+        anchors = [tensor for tensor in anchors if tensor.requires_grad]
+        if anchors and not torch.compiler.is_compiling():
+            torch.autograd.graph.register_multi_grad_hook(
+                anchors, lambda grad: self._commit_ema(*ema_update), mode="any"
+            )
+        else:
+            self._commit_ema(*ema_update)
 
     def _router_losses(self, router_logits_TE, probs_TE, counts_E, token_mask) -> torch.Tensor:
         """[Switch load-balancing loss, router z-loss] of this layer, over the non-padding tokens.
@@ -437,7 +523,7 @@ class DefaultMoeDecoderLayer(GradientCheckpointingLayer):
         position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
-        past_key_values: Cache | None = None,
+        cache: Cache | None = None,
         token_mask: torch.Tensor | None = None,
         **kwargs,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -449,7 +535,7 @@ class DefaultMoeDecoderLayer(GradientCheckpointingLayer):
             position_embeddings=position_embeddings,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            past_key_values=past_key_values,
+            cache=cache,
             **kwargs,
         )
         hidden_states = residual + (hidden_states if self.pre_norm else self.post_attention_layernorm(hidden_states))
@@ -475,12 +561,13 @@ class DefaultMoePreTrainedModel(PreTrainedModel):
     base_model_prefix = "model"
     supports_gradient_checkpointing = True
     _no_split_modules = ["DefaultMoeDecoderLayer"]
-    _skip_keys_device_placement = ["past_key_values"]
+    _skip_keys_device_placement = ["past_key_values", "cache"]
     _keep_in_fp32_modules_strict = ["default_outputs"]
     _supports_flash_attn = True
     _supports_sdpa = True
     _supports_flex_attn = True
     _supports_attention_backend = True
+    _can_compile_fullgraph = True  # tested: eval and training forwards, static-cache decoding (fullgraph=True)
     _can_record_outputs = {
         "router_logits": OutputRecorder(DefaultMoeTopKRouter, index=0),
         "hidden_states": OutputRecorder(DefaultMoeDecoderLayer, index=0),
@@ -498,6 +585,7 @@ class DefaultMoePreTrainedModel(PreTrainedModel):
             init.normal_(module.weight, mean=0.0, std=std)
         elif isinstance(module, DefaultMoeDefaults):
             init.zeros_(module.ema)  # skipped when the checkpoint provides it; never uninitialised memory
+            init.zeros_(module.non_finite_updates)
 
 
 class DefaultMoeModel(DefaultMoePreTrainedModel):
@@ -519,19 +607,21 @@ class DefaultMoeModel(DefaultMoePreTrainedModel):
         input_ids: torch.LongTensor | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
-        past_key_values: Cache | None = None,
+        cache: Cache | None = None,
         inputs_embeds: torch.Tensor | None = None,
         use_cache: bool | None = None,
+        past_key_values: Cache | None = None,
         **kwargs,
     ) -> "DefaultMoeModelOutputWithPast":
         if (input_ids is None) ^ (inputs_embeds is not None):
             raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
-        if use_cache and past_key_values is None:
-            past_key_values = DynamicCache(config=self.config)
+        cache = _one_cache(cache, past_key_values)
+        if use_cache and cache is None:
+            cache = DynamicCache(config=self.config)
         if inputs_embeds is None:
             inputs_embeds = self.embed_tokens(input_ids)
         if position_ids is None:
-            past_seen_tokens = past_key_values.get_seq_length() if past_key_values is not None else 0
+            past_seen_tokens = cache.get_seq_length() if cache is not None else 0
             position_ids = torch.arange(inputs_embeds.shape[1], device=inputs_embeds.device) + past_seen_tokens
             position_ids = position_ids.unsqueeze(0)
 
@@ -540,8 +630,8 @@ class DefaultMoeModel(DefaultMoePreTrainedModel):
             config=self.config,
             inputs_embeds=inputs_embeds,
             attention_mask=attention_mask,
-            past_key_values=past_key_values,
             position_ids=position_ids,
+            **{_MASK_CACHE_NAME: cache},
         )
         # Padding tokens (2-D attention mask, last S columns) stay out of the EMA and the router losses.
         token_mask = None
@@ -556,7 +646,7 @@ class DefaultMoeModel(DefaultMoePreTrainedModel):
                 hidden_states,
                 attention_mask=causal_mask,
                 position_ids=position_ids,
-                past_key_values=past_key_values,
+                cache=cache,
                 use_cache=use_cache,
                 position_embeddings=position_embeddings,
                 token_mask=token_mask,
@@ -568,7 +658,7 @@ class DefaultMoeModel(DefaultMoePreTrainedModel):
         # Mean over MoE layers of [load balancing, z-loss].
         router_losses = torch.stack(layer_losses).mean(0) if layer_losses else None
         return DefaultMoeModelOutputWithPast(
-            last_hidden_state=hidden_states, past_key_values=past_key_values, router_losses=router_losses
+            last_hidden_state=hidden_states, router_losses=router_losses, **{CACHE_NAME: cache}
         )
 
 
@@ -578,13 +668,18 @@ class DefaultMoeModelOutputWithPast(MoeModelOutputWithPast):
 
 
 @dataclass
-class DefaultMoeCausalLMOutputWithPast(MoeCausalLMOutputWithPast):
-    """`loss` = lm_loss + router_aux_loss_coef * aux_loss + router_z_loss_coef * z_loss (the router terms in training
+class DefaultMoeCausalLMOutputWithPast(CausalLMOutputWithPast):
+    """Fields in the order loss, logits, cache, hidden_states, attentions, aux_loss, router_logits, lm_loss, z_loss
+    (the causal-LM order first, so `outputs[0]` is the logits whenever no labels are given, also as a tuple).
+
+    `loss` = lm_loss + router_aux_loss_coef * aux_loss + router_z_loss_coef * z_loss (the router terms in training
     only, weighted by this micro-batch's share of `num_items_in_batch` when Trainer passes it); `aux_loss` and
     `z_loss` are the unscaled means over MoE layers (None in no-grad inference without `output_router_logits`).
     With `num_items_in_batch`, `lm_loss` is this micro-batch's summed token loss divided by that global count (as
     transformers' causal-LM loss computes it), not a mean."""
 
+    aux_loss: torch.Tensor | None = None
+    router_logits: tuple[torch.Tensor, ...] | None = None
     lm_loss: torch.Tensor | None = None
     z_loss: torch.Tensor | None = None
 
@@ -600,17 +695,19 @@ class DefaultMoeForCausalLM(DefaultMoePreTrainedModel, GenerationMixin):
         self.post_init()
         self.add_model_tags(["default-moe", "moe"])  # tags for push_to_hub's generated card
 
+    @can_return_tuple
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
-        past_key_values: Cache | None = None,
+        cache: Cache | None = None,
         inputs_embeds: torch.Tensor | None = None,
         labels: torch.LongTensor | None = None,
         use_cache: bool | None = None,
         output_router_logits: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
+        past_key_values: Cache | None = None,
         **kwargs,
     ) -> DefaultMoeCausalLMOutputWithPast:
         output_router_logits = (
@@ -620,10 +717,11 @@ class DefaultMoeForCausalLM(DefaultMoePreTrainedModel, GenerationMixin):
             input_ids=input_ids,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            past_key_values=past_key_values,
+            cache=_one_cache(cache, past_key_values),
             inputs_embeds=inputs_embeds,
             use_cache=use_cache,
             output_router_logits=output_router_logits,
+            return_dict=True,
             **kwargs,
         )
         hidden_states = outputs.last_hidden_state
@@ -643,14 +741,14 @@ class DefaultMoeForCausalLM(DefaultMoePreTrainedModel, GenerationMixin):
 
         return DefaultMoeCausalLMOutputWithPast(
             loss=loss,
-            aux_loss=aux_loss,
             logits=logits,
-            past_key_values=outputs.past_key_values,
             hidden_states=outputs.hidden_states,
             attentions=outputs.attentions,
+            aux_loss=aux_loss,
             router_logits=outputs.router_logits,
             lm_loss=lm_loss,
             z_loss=z_loss,
+            **{CACHE_NAME: getattr(outputs, CACHE_NAME)},
         )
 
     @staticmethod
