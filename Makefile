@@ -2,18 +2,43 @@
 PYTHON ?= python3
 # torch first, pinned: an unpinned torch pulls a multi-GB CUDA build; 2.13.0 installs a CPU build here.
 TORCH ?= torch==2.13.0
+# The oldest transformers release we support, at its newest patch: pyproject's lower bound.
+FLOOR_TRANSFORMERS ?= transformers==5.20.2
+VENV ?= .venv
+PIP = --quiet --disable-pip-version-check
+# What the floor must pass as well: the two Hub-copied files (config, model, generation, compile, remote-code
+# loading) and conversion. The newest release runs everything.
+FLOOR_TESTS = tests/test_configuration_default_moe.py tests/test_modeling_default_moe.py \
+	tests/test_modeling_default_moe_layer.py tests/test_modeling_default_moe_generation.py \
+	tests/test_modeling_default_moe_compile.py tests/conversion
 
-.PHONY: install demo test lint bench
+.PHONY: install demo test test-newest test-floor lint bench
 
 install:
-	$(PYTHON) -m pip install --quiet --disable-pip-version-check $(TORCH)
-	$(PYTHON) -m pip install --quiet --disable-pip-version-check -e ".[dev]"
+	$(PYTHON) -m pip install $(PIP) $(TORCH)
+	$(PYTHON) -m pip install $(PIP) -e ".[dev]"
 
 demo: install
 	default-moe demo
 
-test: install
-	$(PYTHON) -m pytest
+# A fresh environment per transformers release: $(1) its folder, $(2) an extra requirement (the pinned release).
+define fresh_env
+	rm -rf $(1)
+	$(PYTHON) -m venv $(1)
+	$(1)/bin/python -m pip install $(PIP) $(TORCH)
+	$(1)/bin/python -m pip install $(PIP) -e ".[dev]" $(2)
+	$(1)/bin/python -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)"
+endef
+
+test: test-newest test-floor
+
+test-newest:
+	$(call fresh_env,$(VENV)/newest,)
+	$(VENV)/newest/bin/python -m pytest
+
+test-floor:
+	$(call fresh_env,$(VENV)/floor,$(FLOOR_TRANSFORMERS))
+	$(VENV)/floor/bin/python -m pytest $(FLOOR_TESTS)
 
 lint:
 	ruff check . && ruff format --check .

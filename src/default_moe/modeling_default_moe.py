@@ -695,6 +695,20 @@ class DefaultMoeForCausalLM(DefaultMoePreTrainedModel, GenerationMixin):
         self.post_init()
         self.add_model_tags(["default-moe", "moe"])  # tags for push_to_hub's generated card
 
+    @staticmethod
+    def add_backbone_to_auto_map(config: DefaultMoeConfig) -> None:
+        """`save_pretrained` writes `auto_map` entries for the config and the saved class only; the backbone lives
+        in the same copied file, so `AutoModel.from_pretrained(folder, trust_remote_code=True)` can load it too."""
+        config.auto_map = {
+            "AutoModel": "modeling_default_moe.DefaultMoeModel",
+            **(getattr(config, "auto_map", None) or {}),
+        }
+
+    def save_pretrained(self, *args, **kwargs):
+        if getattr(type(self), "_auto_class", None) is not None:  # registered for remote code
+            self.add_backbone_to_auto_map(self.config)
+        return super().save_pretrained(*args, **kwargs)
+
     @can_return_tuple
     def forward(
         self,

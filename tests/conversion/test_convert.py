@@ -75,6 +75,7 @@ def test_output_folder(converted, name):
     config = json.loads((dst / "config.json").read_text())
     assert config["auto_map"] == {
         "AutoConfig": "configuration_default_moe.DefaultMoeConfig",
+        "AutoModel": "modeling_default_moe.DefaultMoeModel",
         "AutoModelForCausalLM": "modeling_default_moe.DefaultMoeForCausalLM",
     }
     assert config["architectures"] == ["DefaultMoeForCausalLM"]

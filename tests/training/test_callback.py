@@ -114,6 +114,21 @@ def test_collapse_warning(tmp_path, caplog, collapse):
         assert min(entry["moe/layer0/load_min"] for entry in step_logs(trainer)) > 0.1
 
 
+@pytest.mark.parametrize("broken", [True, False], ids=["inf-expert", "healthy"])
+def test_non_finite_expert_outputs_warn_once(tmp_path, caplog, broken):
+    callback = DefaultMoeCallback(plots=False)
+    trainer = make_trainer(tmp_path, callback, steps=3)
+    if broken:  # one expert of layer 1 overflows from the start; a gradient step keeps it so
+        with torch.no_grad():
+            trainer.model.model.layers[1].mlp.experts.down_proj[0].fill_(float("inf"))
+    with caplog.at_level(logging.WARNING, logger="default_moe.training.callback"):
+        trainer.train()
+    warnings = [r.getMessage() for r in caplog.records if "Non-finite expert outputs" in r.getMessage()]
+    assert len(warnings) == int(broken) and callback.warned_non_finite == broken
+    if broken:
+        assert "per MoE layer [0, 1]: [0, " in warnings[0] and "by step 1" in warnings[0]
+
+
 def test_install_runs_before_reporters_and_append_after_printer(tmp_path):
     callback = DefaultMoeCallback(plots=False)
     trainer = make_trainer(tmp_path, DefaultMoeCallback(plots=False))  # appended by callbacks=[...]

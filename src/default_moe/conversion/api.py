@@ -118,6 +118,7 @@ def _write_default_moe_config(folder: Path, config) -> None:
     with torch.device("meta"):
         model = DefaultMoeForCausalLM(config)
     custom_object_save(model, folder, config=config)  # copies modeling + configuration files, sets auto_map
+    DefaultMoeForCausalLM.add_backbone_to_auto_map(config)
     config.architectures = ["DefaultMoeForCausalLM"]
     config.save_pretrained(folder)
 

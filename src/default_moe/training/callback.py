@@ -12,7 +12,9 @@ Add it to any Trainer: `Trainer(..., callbacks=[DefaultMoeCallback()])`. At ever
 (per-expert shares only when the model has at most `max_logged_experts` experts). At the end of training it writes
 `moe_loss_curves.png` and `moe_expert_load.png` (layers x experts heatmap of the load over the whole run) to the
 output folder, and it warns (once per expert) when an expert's share stays below `collapse_threshold` times the
-uniform share for `collapse_patience` logging windows in a row: the router has collapsed onto fewer experts.
+uniform share for `collapse_patience` logging windows in a row: the router has collapsed onto fewer experts. It also
+warns, once, when a layer's `default_outputs.non_finite_updates` counter has grown: an expert's outputs were not
+finite, so its default skipped that update (the model counts this on the device, without a host sync).
 
 How it measures: forward hooks on each MoE layer's router (which returns `(logits, probs, weights, index)`) and on
 the model (whose output carries `lm_loss`, `aux_loss`, `z_loss`). The hooks add to a few tensors with whole-tensor
@@ -123,6 +125,7 @@ class DefaultMoeCallback(TrainerCallback):
         self._run_counts = torch.zeros(num_layers, self.num_experts, dtype=torch.float64)
         self._starved_windows = torch.zeros(num_layers, self.num_experts, dtype=torch.long)
         self._warned = torch.zeros(num_layers, self.num_experts, dtype=torch.bool)
+        self.warned_non_finite = False
 
         for index, block in enumerate(self._blocks):
             self._handles.append(block.gate.register_forward_hook(self._router_hook(index)))
@@ -214,6 +217,7 @@ class DefaultMoeCallback(TrainerCallback):
         if state.log_history and state.log_history[-1].get("step") == state.global_step:
             state.log_history[-1].update(values)
         self._check_collapse(window, state)
+        self._check_non_finite(state)
 
     def on_train_end(self, args, state, control, **kwargs):
         # Steps after the last logging step still count for the load heatmap (and the curves' last point).
@@ -293,6 +297,19 @@ class DefaultMoeCallback(TrainerCallback):
                     self._starved_windows[index, expert].item(),
                     state.global_step,
                 )
+
+    def _check_non_finite(self, state) -> None:
+        skipped = [int(block.default_outputs.non_finite_updates) for block in self._blocks]
+        if self.warned_non_finite or not any(skipped):
+            return
+        self.warned_non_finite = True
+        if state.is_world_process_zero:
+            logger.warning(
+                "Non-finite expert outputs: EMA default updates were skipped (per MoE layer %s: %s) by step %d.",
+                self._layers,
+                skipped,
+                state.global_step,
+            )
 
     # ----------------------------------------------------------------------------------------------- plots
     def expert_load(self) -> torch.Tensor:
