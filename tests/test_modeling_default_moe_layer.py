@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from transformers.models.mixtral.configuration_mixtral import MixtralConfig
-from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock
+from transformers.models.mixtral.modeling_mixtral import MixtralExperts, MixtralSparseMoeBlock
 from transformers.models.olmoe.configuration_olmoe import OlmoeConfig
 from transformers.models.olmoe.modeling_olmoe import OlmoeSparseMoeBlock
 
@@ -259,3 +259,24 @@ def test_router_losses_match_switch_definition():
     fraction = torch.stack([(selected == i).float().sum() for i in range(4)]) / selected.numel()
     torch.testing.assert_close(balance, 4 * (fraction * probs.mean(0)).sum())
     torch.testing.assert_close(z, torch.logsumexp(logits, -1).pow(2).mean())
+
+
+@pytest.mark.parametrize("implementation", ["eager", "grouped_mm", "batched_mm"])
+def test_experts_follow_the_transformers_experts_interface(implementation):
+    """Serving engines replace `mlp.experts` with their own kernel, called as experts(hidden_states, top_k_index,
+    top_k_weights) on the packed (E, 2I, H) / (E, H, I) weights. transformers' own Mixtral experts on the same
+    weights, in each implementation transformers offers, stand in for such a kernel: eval outputs (defaults
+    included) do not change, and each of our implementations gives the same."""
+    block = make_block(num_experts=4, num_experts_per_tok=2).eval()
+    torch.nn.init.normal_(block.default_outputs.ema)
+    x = torch.randn(2, 5, 32)
+    expected = block(x)
+    for experts_implementation in ("eager", "grouped_mm", "batched_mm"):  # ours
+        block.config._experts_implementation = experts_implementation
+        torch.testing.assert_close(block(x), expected, atol=ATOL, rtol=RTOL, msg=experts_implementation)
+    mixtral_config = MixtralConfig(hidden_size=32, intermediate_size=24, num_local_experts=4, num_experts_per_tok=2)
+    mixtral_config._experts_implementation = implementation
+    engine_experts = MixtralExperts(mixtral_config)
+    engine_experts.load_state_dict(block.experts.state_dict())
+    block.experts = engine_experts
+    torch.testing.assert_close(block(x), expected, atol=ATOL, rtol=RTOL)

@@ -228,3 +228,31 @@ def test_lora_with_activation_checkpointing_matches(checkpointing):
         torch.testing.assert_close(grads_ckpt[name], grad, rtol=1e-6, atol=1e-7, msg=name)
     for layer in ema:
         assert torch.equal(ema_ckpt[layer], ema[layer])
+
+
+def test_lora_training_moves_only_the_adapter_copy_of_the_ema(base_folder):
+    """Training moves the active adapter's copy of the defaults; PEFT's frozen original never changes, so
+    `disable_adapter()` gives the base model back exactly, also after training-mode forwards without gradients
+    (DPO's reference pass, KL references) with the adapter enabled or disabled."""
+    base = AutoModelForCausalLM.from_pretrained(base_folder)
+    base_ema = ema_state(base)
+    with torch.no_grad():
+        base_logits = base.eval()(INPUT_IDS).logits
+    model = get_peft_model(base, lora_config(r=2, model=base)).train()
+    for _ in range(2):
+        model(input_ids=INPUT_IDS, labels=INPUT_IDS).loss.backward()
+    trained_ema = ema_state(model)
+    with torch.no_grad():
+        model(input_ids=INPUT_IDS)
+        with model.disable_adapter():
+            model(input_ids=INPUT_IDS)
+    assert all(not torch.equal(trained_ema[layer], base_ema[layer]) for layer in base_ema)
+    for layer, ema in ema_state(model).items():
+        assert torch.equal(ema, trained_ema[layer])
+    blocks = [layer.mlp for layer in model.get_base_model().model.layers if layer.is_moe]
+    for block, ema in zip(blocks, base_ema.values()):
+        assert isinstance(block.default_outputs, ModulesToSaveWrapper)
+        assert torch.equal(block.default_outputs.original_module.ema, ema)
+    model.eval()
+    with model.disable_adapter(), torch.no_grad():
+        torch.testing.assert_close(model(input_ids=INPUT_IDS).logits, base_logits, rtol=0, atol=0)

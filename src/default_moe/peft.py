@@ -8,10 +8,11 @@ Three things differ from LoRA on a Llama-style model (DESIGN.md §3):
   3-D parameters). PEFT matches a `target_parameters` entry against `<module path>.<parameter name>` exactly or as a
   dotted suffix, so `"mlp.gate.weight"` matches every MoE layer and `"model.layers.3.mlp.gate.weight"` only layer 3.
   PEFT does not support LoRA dropout on parameter targets.
-- The EMA default vectors are buffers that *training-mode* forwards update, LoRA training included. An adapter saves
-  only adapter weights, so those updates would be lost. They live in a buffer-only submodule, `mlp.default_outputs`;
-  listing it in `modules_to_save` makes PEFT keep a copy per adapter, route the forward's reads and updates to the
-  active copy, and save and load it with the adapter (`...mlp.default_outputs.ema` in `adapter_model.safetensors`).
+- The EMA default vectors are buffers that training-mode forwards update when they train, LoRA training included.
+  An adapter saves only adapter weights, so those updates would be lost. They live in a buffer-only submodule,
+  `mlp.default_outputs`; listing it in `modules_to_save` makes PEFT keep a copy per adapter, route the forward's
+  reads and updates to the active copy, and save and load it with the adapter (`...mlp.default_outputs.ema` in
+  `adapter_model.safetensors`).
   `merge_and_unload()` puts that copy back in the model.
 - Attention projections and the dense MLPs of the first `num_dense_layers` layers are ordinary `nn.Linear` modules.
 """
