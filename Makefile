@@ -10,7 +10,7 @@ PIP = --quiet --disable-pip-version-check
 # loading) and conversion. The newest release runs everything.
 FLOOR_TESTS = tests/test_configuration_default_moe.py tests/test_modeling_default_moe.py \
 	tests/test_modeling_default_moe_layer.py tests/test_modeling_default_moe_generation.py \
-	tests/test_modeling_default_moe_compile.py tests/conversion
+	tests/test_modeling_default_moe_compile.py tests/test_modeling_default_moe_parallel.py tests/conversion
 
 .PHONY: install demo test test-newest test-floor lint bench
 

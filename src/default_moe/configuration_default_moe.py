@@ -42,7 +42,15 @@ class DefaultMoeConfig(PreTrainedConfig):
     """
 
     model_type = "default_moe"
-    keys_to_ignore_at_inference = ["past_key_values"]
+    keys_to_ignore_at_inference = ["past_key_values", "cache"]
+    # Expert parallelism through transformers (`DistributedConfig(ep_size=...)`): whole experts per rank, tokens
+    # dispatched inside the experts' standard call. The router stays replicated, so every rank has the unmasked router
+    # probabilities the default term needs.
+    base_model_ep_plan = {
+        "layers.*.mlp.experts.gate_up_proj": "grouped_gemm",
+        "layers.*.mlp.experts.down_proj": "grouped_gemm",
+        "layers.*.mlp.experts": "ep_dispatch_experts",
+    }
     attribute_map = {"num_local_experts": "num_experts"}
     default_theta = 10000.0
 
@@ -86,6 +94,23 @@ class DefaultMoeConfig(PreTrainedConfig):
     default_ema_update: str = "before_use"
     default_in_inference: bool = True
     all_reduce_router_stats: bool = True
+
+    @property
+    def base_model_tp_plan(self) -> dict[str, str]:
+        """Tensor parallelism through transformers (`tp_plan="auto"`), as Mixtral (attention heads colwise/rowwise,
+        each expert's width split, partial expert outputs all-reduced) or, with `qk_norm` over the whole projection,
+        as OLMoE (q/k/v gathered for the norm)."""
+        if self.qk_norm:
+            attention = {"q_proj": "colwise_gather_output", "k_proj": "colwise_gather_output"}
+            attention |= {"v_proj": "colwise_gather_output", "o_proj": "rowwise_split_input"}
+        else:
+            attention = {"q_proj": "colwise", "k_proj": "colwise", "v_proj": "colwise", "o_proj": "rowwise"}
+        plan = {f"layers.*.self_attn.{name}": style for name, style in attention.items()}
+        plan |= {"layers.*.mlp.gate_proj": "colwise", "layers.*.mlp.up_proj": "colwise"}  # the dense layers
+        plan |= {"layers.*.mlp.down_proj": "rowwise"}
+        plan |= {"layers.*.mlp.experts.gate_up_proj": "packed_colwise", "layers.*.mlp.experts.down_proj": "rowwise"}
+        plan |= {"layers.*.mlp.experts": "moe_tp_experts"}
+        return plan
 
     def __post_init__(self, **kwargs):
         if self.num_key_value_heads is None:

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+import transformers
 from torch import nn
 from transformers import initialization as init
 from transformers.activations import ACT2FN
@@ -44,6 +45,9 @@ logger = logging.get_logger(__name__)
 # hand the cache on, and return it, under the name the running release uses.
 CACHE_NAME = "cache" if "cache" in MoeModelOutputWithPast.__dataclass_fields__ else "past_key_values"
 _MASK_CACHE_NAME = "cache" if "cache" in inspect.signature(create_causal_mask).parameters else "past_key_values"
+
+
+_TRANSFORMERS_VERSION = tuple(int(part) for part in transformers.__version__.split(".")[:2])
 
 
 def _one_cache(cache: Cache | None, past_key_values: Cache | None) -> Cache | None:
@@ -251,7 +255,9 @@ def _grouped_mm_usable(x_NH: torch.Tensor, weight: torch.Tensor) -> bool:
 def _grouped_pair_outputs(experts, hidden_states_TH: torch.Tensor, top_k_index_TK: torch.Tensor) -> torch.Tensor:
     """(T, H), (T, K) -> (N, H) unweighted outputs of the N = T*K pairs, one grouped GEMM per projection."""
     top_k = top_k_index_TK.shape[1]
-    # Sort the pairs by expert so each expert's tokens are contiguous for the grouped GEMM.
+    # Sort the pairs by expert so each expert's tokens are contiguous for the grouped GEMM. Under expert parallelism,
+    # routes to other ranks' experts carry the id num_experts (local count): they sort last and histc leaves them out,
+    # so the GEMMs skip their rows; the caller zeroes those rows' outputs.
     expert_ids_N, order_N = torch.sort(top_k_index_TK.reshape(-1), stable=True)
     # histc, unlike bincount, needs no device-to-host sync on accelerators (counts stay exact below 2**24).
     counts_E = torch.histc(expert_ids_N.float(), bins=experts.num_experts, min=0, max=experts.num_experts - 1)
@@ -270,7 +276,7 @@ def _grouped_pair_outputs(experts, hidden_states_TH: torch.Tensor, top_k_index_T
 def _batched_pair_outputs(experts, hidden_states_TH: torch.Tensor, top_k_index_TK: torch.Tensor) -> torch.Tensor:
     """(T, H), (T, K) -> (N, H) like `_grouped_pair_outputs`, as one batched matmul per projection over each pair's
     own expert weights (transformers' `batched_mm`): any dtype, device or compiler, at N x 2I x H gathered weights."""
-    expert_ids_N = top_k_index_TK.reshape(-1)
+    expert_ids_N = top_k_index_TK.reshape(-1).clamp(max=experts.num_experts - 1)  # expert-parallel routes elsewhere
     x_NH = hidden_states_TH.repeat_interleave(top_k_index_TK.shape[1], dim=0).to(experts.gate_up_proj.dtype)
     gate_up_N2I = torch.bmm(experts.gate_up_proj[expert_ids_N], x_NH.unsqueeze(-1)).squeeze(-1)
     return torch.bmm(experts.down_proj[expert_ids_N], experts.gated(gate_up_N2I).unsqueeze(-1)).squeeze(-1)
@@ -282,6 +288,8 @@ def _experts_forward(experts, hidden_states_TH, top_k_index_TK, top_k_weights_TK
     num_tokens, top_k = top_k_index_TK.shape
     pair_outputs = _PAIR_OUTPUTS.get(experts.config._experts_implementation, _grouped_pair_outputs)
     out_TKH = pair_outputs(experts, hidden_states_TH, top_k_index_TK).view(num_tokens, top_k, -1)
+    if experts._is_expert_parallel:  # routes to other ranks' experts add nothing here (and their rows are not set)
+        out_TKH = out_TKH.masked_fill((top_k_index_TK >= experts.num_experts).unsqueeze(-1), 0.0)
     if top_k_weights_TK is None:
         return out_TKH
     return torch.einsum("tkh,tk->th", out_TKH.float(), top_k_weights_TK.float()).to(hidden_states_TH.dtype)
@@ -374,7 +382,7 @@ class DefaultMoeSparseMoeBlock(nn.Module):
         router_logits_TE, probs_TE, top_k_weights_TK, top_k_index_TK = self.gate(x_TH)
 
         if self.training:  # the EMA statistics need every pair's unweighted output
-            expert_out_TKH = self.experts(x_TH, top_k_index_TK)
+            expert_out_TKH = self._pair_outputs(x_TH, top_k_index_TK)
             # sum_k w_k E_k(x): the standard sparse top-K output.
             out_TH = torch.einsum("tkh,tk->th", expert_out_TKH.float(), top_k_weights_TK)
             defaults_EH, counts_E, ema_update = self._training_statistics(
@@ -397,6 +405,17 @@ class DefaultMoeSparseMoeBlock(nn.Module):
         if not return_router_losses:
             return out_BSH
         return out_BSH, self._router_losses(router_logits_TE, probs_TE, counts_E, token_mask)
+
+    def _pair_outputs(self, x_TH: torch.Tensor, top_k_index_TK: torch.Tensor) -> torch.Tensor:
+        """(T, H), (T, K) -> (T, K, H): every selected pair's unweighted expert output."""
+        if not getattr(self.experts, "_is_expert_parallel", False):
+            return self.experts(x_TH, top_k_index_TK)
+        # Expert parallelism exchanges tokens inside the standard call only: send each pair as its own top-1 route
+        # with unit weight, and what comes back, from whichever rank holds the expert, is that pair's output.
+        num_tokens, top_k = top_k_index_TK.shape
+        ones_N1 = torch.ones(num_tokens * top_k, 1, device=x_TH.device)
+        pairs_NH = self.experts(x_TH.repeat_interleave(top_k, dim=0), top_k_index_TK.reshape(-1, 1), ones_N1)
+        return pairs_NH.view(num_tokens, top_k, -1)
 
     def _routed_counts(self, top_k_index_TK, token_mask) -> torch.Tensor:
         """(E, 1) number of non-padding (token, expert) pairs routed to each expert."""
@@ -573,6 +592,16 @@ class DefaultMoePreTrainedModel(PreTrainedModel):
         "hidden_states": OutputRecorder(DefaultMoeDecoderLayer, index=0),
         "attentions": OutputRecorder(DefaultMoeAttention, index=1),
     }
+
+    @classmethod
+    def from_pretrained(cls, *args, distributed_config=None, **kwargs):
+        ep_size, fsdp_size = (getattr(distributed_config, name, None) or 1 for name in ("ep_size", "fsdp_size"))
+        if ep_size > 1 and fsdp_size > 1 and _TRANSFORMERS_VERSION < (5, 23):
+            raise ValueError(
+                f"Expert parallelism with fsdp_size > 1 needs transformers >= 5.23 (this is {transformers.__version__},"
+                " whose FSDP halves the expert gradients): upgrade, or keep ep_size == tp_size without fsdp_size."
+            )
+        return super().from_pretrained(*args, distributed_config=distributed_config, **kwargs)
 
     @torch.no_grad()
     def _init_weights(self, module):
