@@ -461,11 +461,12 @@ class DefaultMoeSparseMoeBlock(nn.Module):
         score_sums_E1, weighted_sums_EH = stats_E[:, 1:2], stats_E[:, 2:]
         routed_E1 = score_sums_E1 > 0
         finite_E1 = torch.isfinite(weighted_sums_EH).all(dim=-1, keepdim=True)
-        update = (routed_E1 & finite_E1, weighted_sums_EH / score_sums_E1.clamp_min(torch.finfo(torch.float32).tiny))
+        batch_mean_EH = weighted_sums_EH / score_sums_E1.clamp_min(torch.finfo(torch.float32).tiny)
+        ema_update = (routed_E1 & finite_E1, batch_mean_EH, routed_E1 & ~finite_E1)
         if config.default_ema_update == "after_use":
             # The graph keeps its own tensor: the update of the buffer in place must not touch what backward needs.
-            return self.default_outputs.ema.clone(), counts_E, (*update, routed_E1 & ~finite_E1)
-        return self._ema_after(*update), counts_E, (*update, routed_E1 & ~finite_E1)
+            return self.default_outputs.ema.clone(), counts_E, ema_update
+        return self._ema_after(*ema_update[:2]), counts_E, ema_update
 
     def _ema_after(self, update_E1: torch.Tensor, batch_mean_EH: torch.Tensor) -> torch.Tensor:
         """D <- beta D + (1 - beta) m for the experts in `update_E1`, as a new tensor."""
