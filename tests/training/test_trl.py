@@ -1,10 +1,10 @@
 """TRL's SFTTrainer and DPOTrainer on a Default MoE model loaded with `trust_remote_code` (docs/trl.md).
 
-`default_moe.trl`'s trainers give the gradient of Default MoE's own objective: one SFT step (two micro-batches with
-different token counts) has the gradient of the same step with `transformers.Trainer` on our model, and one DPO step
-the gradient of the DPO loss on our model's own forward plus its router losses, both to float32 rounding
-(rtol 1e-5, atol 1e-7; measured max abs differences 1.1e-8 to 2.2e-8). Plain TRL differs by 3e-3 to 1e-2 (its
-router term is transformers' Mixtral loss). The DPO+LoRA reference pass moves no EMA.
+`default_moe.training.trl`'s trainers give the gradient of Default MoE's own objective: one SFT step (two
+micro-batches with different token counts) has the gradient of the same step with `transformers.Trainer` on our
+model, and one DPO step the gradient of the DPO loss on our model's own forward plus its router losses, both to
+float32 rounding (rtol 1e-5, atol 1e-7; measured max abs differences 1.1e-8 to 2.2e-8). Plain TRL differs by 3e-3 to
+1e-2 (its router term is transformers' Mixtral loss). The DPO+LoRA reference pass moves no EMA.
 """
 
 import json
