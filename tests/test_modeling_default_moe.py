@@ -238,7 +238,15 @@ def test_saved_folder_loads_with_remote_code_in_a_fresh_process(tmp_path, norm_p
     [
         (
             "modeling_default_moe",
-            {"collections", "dataclasses", "inspect", "torch", "transformers", ".configuration_default_moe"},
+            {
+                "collections",
+                "dataclasses",
+                "inspect",
+                "warnings",
+                "torch",
+                "transformers",
+                ".configuration_default_moe",
+            },
         ),
         ("configuration_default_moe", {"transformers"}),
     ],

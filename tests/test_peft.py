@@ -3,10 +3,11 @@ defaults travel with the adapter, reload in a fresh process is exact, and `merge
 
 import json
 import textwrap
+import warnings
 
 import pytest
 import torch
-from peft import PeftModel, get_peft_model
+from peft import LoraConfig, PeftModel, get_peft_model
 from peft.tuners.lora import Linear as LoraLinear
 from peft.tuners.lora import ParamWrapper
 from peft.utils import ModulesToSaveWrapper
@@ -132,18 +133,45 @@ def test_lora_trainer_reload_and_merge(base_folder, tmp_path):
             assert torch.equal(out[key]["ema"][layer], ema), (key, layer)
 
 
+def _defaults_warnings(record) -> list:
+    return [w for w in record if "default_moe.peft.lora_config" in str(w.message)]
+
+
 def test_without_keep_defaults_the_ema_updates_are_lost(base_folder, tmp_path):
-    """Why `modules_to_save=["default_outputs"]` is there: without it the adapter does not carry the EMA."""
-    model = get_peft_model(AutoModelForCausalLM.from_pretrained(base_folder), lora_config(r=2, keep_defaults=False))
+    """Why `modules_to_save=["default_outputs"]` is there: without it the adapter does not carry the EMA (and both
+    building the adapter and reloading it say so)."""
+    with pytest.warns(UserWarning, match="keeps no copy of the Default MoE EMA defaults"):
+        model = get_peft_model(AutoModelForCausalLM.from_pretrained(base_folder), lora_config(r=2, keep_defaults=False))
     model.train()
     model(input_ids=INPUT_IDS, labels=INPUT_IDS).loss.backward()
     trained_ema = ema_state(model)
     model.save_pretrained(tmp_path / "adapter")
     assert not any("default_outputs" in key for key in load_file(tmp_path / "adapter" / "adapter_model.safetensors"))
-    reloaded = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_folder), tmp_path / "adapter")
+    with pytest.warns(UserWarning, match="a reloaded adapter runs with other defaults"):
+        reloaded = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_folder), tmp_path / "adapter")
     base_ema = ema_state(AutoModelForCausalLM.from_pretrained(base_folder))
     for layer, ema in ema_state(reloaded).items():
         assert torch.equal(ema, base_ema[layer]) and not torch.equal(ema, trained_ema[layer])
+
+
+@pytest.mark.parametrize(
+    "make_config, routing, warnings_expected",
+    [
+        (lambda: LoraConfig(target_modules="all-linear"), "default", 1),  # the common config: neither EMA nor router
+        (lambda: lora_config(r=2), "default", 0),
+        (lambda: LoraConfig(target_modules="all-linear"), "topk", 0),  # no defaults to keep
+    ],
+    ids=["all-linear", "lora_config", "topk"],
+)
+def test_peft_without_the_defaults_warns_once(make_config, routing, warnings_expected):
+    model = DefaultMoeForCausalLM(tiny_model(warm_ema=False, num_hidden_layers=3, routing=routing).config)
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        get_peft_model(model, make_config())
+    found = _defaults_warnings(record)
+    assert len(found) == warnings_expected, [str(w.message) for w in record]
+    if found:
+        assert "'all-linear' cannot reach" in str(found[0].message)
 
 
 @pytest.mark.parametrize(

@@ -15,6 +15,7 @@ N = T*K (token, expert) pairs. Suffixes name the shapes, e.g. `probs_TE`.
 """
 
 import inspect
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -616,6 +617,27 @@ class DefaultMoePreTrainedModel(PreTrainedModel):
         elif isinstance(module, DefaultMoeDefaults):
             init.zeros_(module.ema)  # skipped when the checkpoint provides it; never uninitialised memory
             init.zeros_(module.non_finite_updates)
+
+    def __setattr__(self, name, value):
+        super().__setattr__(name, value)
+        if name == "peft_config":  # PEFT sets it once it has wrapped this model (get_peft_model, from_pretrained)
+            self._warn_if_peft_drops_defaults()
+
+    def _warn_if_peft_drops_defaults(self) -> None:
+        """Warn when a PEFT adapter keeps no copy of the EMA defaults (`default_outputs` not in `modules_to_save`)."""
+        blocks = [module for module in self.modules() if isinstance(module, DefaultMoeSparseMoeBlock)]
+        if self.config.routing == "default" and any(isinstance(b.default_outputs, DefaultMoeDefaults) for b in blocks):
+            warnings.warn(
+                "This PEFT adapter keeps no copy of the Default MoE EMA defaults (`default_outputs` is not in "
+                "`modules_to_save`): training forwards update them in the frozen base model, so disabling the adapter "
+                "no longer gives the base model back, and the adapter does not save them, so a reloaded adapter runs "
+                "with other defaults than the trained one. Build the LoRA config with "
+                "`default_moe.peft.lora_config(...)`, which keeps them (and also adapts the router and the experts, "
+                "which `target_modules` such as 'all-linear' cannot reach), or add 'default_outputs' to "
+                "`modules_to_save`.",
+                UserWarning,
+                stacklevel=3,
+            )
 
 
 class DefaultMoeModel(DefaultMoePreTrainedModel):
