@@ -1,7 +1,9 @@
-"""Run the benchmarks: `python -m benchmarks [--quick] [--only speed,fidelity,quality,conversion] [--out FILE]`.
+"""Run the benchmarks: `python -m benchmarks [--quick] [--device cpu|cuda] [--only speed,fidelity,quality,conversion]
+[--out FILE]`, and `python -m benchmarks --only serving --checkpoint DIR` for a trained checkpoint.
 
 Writes a JSON file with the machine, the command, and every benchmark's results; `python -m benchmarks.report FILE...`
-turns it into markdown tables (as in BENCHMARKS.md).
+turns it into markdown tables (as in BENCHMARKS.md). `--device cuda` runs the speed benchmark on the GPU (bf16,
+CUDA-event timing, peak GPU memory; see benchmarks/speed.py); the other benchmarks run on the CPU.
 """
 
 from __future__ import annotations
@@ -18,7 +20,9 @@ from pathlib import Path
 
 import torch
 
-BENCHMARKS = ("speed", "fidelity", "quality", "conversion")
+BENCHMARKS = ("speed", "fidelity", "quality", "conversion", "serving")
+DEFAULT = ("speed", "fidelity", "quality", "conversion")  # serving needs --checkpoint
+ON_CUDA = ("speed", "serving")  # the benchmarks that run on --device cuda
 
 
 def run_conversion(quick: bool) -> dict:
@@ -45,21 +49,46 @@ def run_conversion(quick: bool) -> dict:
 
 
 def main(argv: list[str] | None = None) -> dict:
+    from .serving import EVAL_TOKENS
+
     parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__)
     parser.add_argument("--quick", action="store_true", help="tiny configurations, for smoke tests (< 60 s)")
-    parser.add_argument("--only", default=",".join(BENCHMARKS), help=f"comma-separated subset of {BENCHMARKS}")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where speed and serving run")
     parser.add_argument(
-        "--speed-parts", default="layer,steps,overhead,memory,scaling,generation", help="subset of the speed benchmark"
+        "--only", help=f"comma-separated subset of {BENCHMARKS} (default: {', '.join(DEFAULT)}; on cuda: speed)"
     )
+    parser.add_argument("--speed-parts", help="subset of the speed benchmark (default: all the device supports)")
+    parser.add_argument("--checkpoint", metavar="DIR", help="serving: a trained Default MoE checkpoint folder")
+    parser.add_argument(
+        "--max-eval-tokens", type=int, default=EVAL_TOKENS, help=f"serving: validation tokens (default {EVAL_TOKENS})"
+    )
+    parser.add_argument("--seq-len", type=int, help="serving: sequence length (default: the checkpoint's training)")
     parser.add_argument("--out", default="BENCHMARKS-results.json", help="JSON output file")
     parser.add_argument(
         "--threads", type=int, default=1, help="torch intra-op threads (1: steadier on a shared machine)"
     )
     args = parser.parse_args(argv)
-    only = [name.strip() for name in args.only.split(",") if name.strip()]
+    only = [name.strip() for name in args.only.split(",") if name.strip()] if args.only else None
+    only = only or (["speed"] if args.device == "cuda" else list(DEFAULT))
     unknown = sorted(set(only) - set(BENCHMARKS))
     if unknown:
         parser.error(f"unknown benchmark(s) {unknown}; choose from {BENCHMARKS}")
+    if args.device == "cuda":
+        if set(only) - set(ON_CUDA):
+            parser.error(f"{sorted(set(only) - set(ON_CUDA))} run on the CPU only; --device cuda runs {ON_CUDA}")
+        if not torch.cuda.is_available():
+            parser.error("--device cuda: torch finds no CUDA device")
+    if "serving" in only and not args.checkpoint:
+        parser.error("the serving benchmark needs --checkpoint DIR (a trained Default MoE checkpoint folder)")
+    from . import speed
+
+    speed_parts = speed.DEVICE_PARTS[args.device]
+    if args.speed_parts:
+        speed_parts = tuple(p.strip() for p in args.speed_parts.split(",") if p.strip())
+    try:
+        speed.check_parts(speed_parts, args.device)
+    except ValueError as error:
+        parser.error(str(error))
     torch.set_num_threads(args.threads)
 
     from .common import machine_info
@@ -67,7 +96,7 @@ def main(argv: list[str] | None = None) -> dict:
     results: dict = {
         "command": shlex.join(["python", "-m", "benchmarks", *(argv if argv is not None else sys.argv[1:])]),
         "quick": args.quick,
-        "machine": machine_info(),
+        "machine": machine_info(args.device),
         "benchmarks": {},
         "seconds": {},
     }
@@ -75,10 +104,7 @@ def main(argv: list[str] | None = None) -> dict:
         start = time.perf_counter()
         print(f"[benchmarks] {name} ...", file=sys.stderr, flush=True)
         if name == "speed":
-            from . import speed
-
-            parts = tuple(p.strip() for p in args.speed_parts.split(",") if p.strip())
-            results["benchmarks"][name] = speed.run(quick=args.quick, parts=parts)
+            results["benchmarks"][name] = speed.run(quick=args.quick, parts=speed_parts, device=args.device)
         elif name == "fidelity":
             from . import fidelity
 
@@ -89,6 +115,12 @@ def main(argv: list[str] | None = None) -> dict:
             results["benchmarks"][name] = quality.run(quick=args.quick)
         elif name == "conversion":
             results["benchmarks"][name] = run_conversion(args.quick)
+        elif name == "serving":
+            from . import serving
+
+            results["benchmarks"][name] = serving.run(
+                args.checkpoint, args.max_eval_tokens, args.seq_len, device=args.device
+            )
         results["seconds"][name] = round(time.perf_counter() - start, 1)
         Path(args.out).write_text(json.dumps(results, indent=1, default=_json_default))  # partial results survive
     results["machine"]["finished_utc"] = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime())

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import gc
 import os
 import platform
 import statistics
@@ -174,13 +175,20 @@ def train_step_fn(model, batch: torch.Tensor, lr: float = 1e-4) -> Callable[[], 
 
 
 def interleaved_times(
-    fns: dict[str, Callable[[], object]], reps: int, warmup: int = 1, cpu_times: dict | None = None
+    fns: dict[str, Callable[[], object]],
+    reps: int,
+    warmup: int = 1,
+    cpu_times: dict | None = None,
+    device: torch.device | None = None,
+    peak_memory: dict | None = None,
 ) -> dict[str, list[float]]:
     """Run the functions round-robin (A B C A B C ...) `reps` times after `warmup` rounds; wall times in seconds.
 
     The order inside a round alternates (ABC, CBA, ...) so no variant always follows the same one. If `cpu_times`
     is a dict it receives the process CPU times (time.process_time) of the same runs: with one torch thread these
-    leave out the time the process waited for a core on a shared machine."""
+    leave out the time the process waited for a core on a shared machine. On a CUDA `device` each run is timed with
+    CUDA events after a synchronisation (so queued work from before does not count), and `peak_memory`, if a dict,
+    receives each run's peak of `torch.cuda.max_memory_allocated` above the memory allocated before it."""
     names = list(fns)
     for _ in range(warmup):
         for name in names:
@@ -188,15 +196,56 @@ def interleaved_times(
     times: dict[str, list[float]] = {name: [] for name in names}
     if cpu_times is not None:
         cpu_times.update({name: [] for name in names})
+    if peak_memory is not None:
+        peak_memory.update({name: [] for name in names})
     for rep in range(reps):
         for name in names if rep % 2 == 0 else names[::-1]:
+            if peak_memory is not None:
+                torch.cuda.reset_peak_memory_stats(device)
+                resident = torch.cuda.memory_allocated(device)
             cpu_start = time.process_time()
-            start = time.perf_counter()
-            fns[name]()
-            times[name].append(time.perf_counter() - start)
+            times[name].append(timed_call(fns[name], device))
             if cpu_times is not None:
                 cpu_times[name].append(time.process_time() - cpu_start)
+            if peak_memory is not None:
+                peak_memory[name].append(torch.cuda.max_memory_allocated(device) - resident)
     return times
+
+
+def timed_call(fn: Callable[[], object], device: torch.device | None = None) -> float:
+    """Seconds `fn()` takes: wall clock on the CPU; on CUDA, CUDA events around it, all queued work finished."""
+    if device is None or device.type != "cuda":
+        start = time.perf_counter()
+        fn()
+        return time.perf_counter() - start
+    torch.cuda.synchronize(device)
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    fn()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) / 1e3
+
+
+def drop_out_of_memory(fns: dict[str, Callable[[], object]], models: dict, device: torch.device) -> dict[str, str]:
+    """On CUDA, run each function once and drop (freeing its model) those that run out of GPU memory.
+
+    transformers' `batched_mm` gathers one weight matrix per (token, expert) pair, which at long sequences does not
+    fit any GPU; measuring the fastest implementation has to survive that. Returns {name: the error's first line}.
+    On the CPU an allocation failure ends the process instead, so nothing is tried there."""
+    dropped: dict[str, str] = {}
+    if device.type != "cuda":
+        return dropped
+    for name in list(fns):
+        try:
+            fns[name]()
+        except torch.OutOfMemoryError as error:
+            dropped[name] = str(error).strip().splitlines()[0]
+        if name in dropped:
+            del fns[name], models[name]
+            gc.collect()
+            torch.cuda.empty_cache()
+    return dropped
 
 
 def median(values) -> float:
@@ -207,8 +256,8 @@ def ratio_of_medians(times: dict[str, list[float]], a: str, b: str) -> float:
     return median(times[a]) / median(times[b])
 
 
-def machine_info() -> dict:
-    return {
+def machine_info(device: str = "cpu") -> dict:
+    info = {
         "python": platform.python_version(),
         "torch": torch.__version__,
         "transformers": transformers.__version__,
@@ -218,6 +267,10 @@ def machine_info() -> dict:
         "torch_threads": torch.get_num_threads(),
         "date_utc": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime()),
     }
+    if device == "cuda":
+        properties = torch.cuda.get_device_properties(torch.cuda.current_device())
+        info.update(gpu=properties.name, gpu_memory_bytes=properties.total_memory, cuda=torch.version.cuda)
+    return info
 
 
 def _cpu_name() -> str:

@@ -11,8 +11,8 @@ import torch
 
 from default_moe import __file__ as package_file
 
-from .. import speed
-from ..common import interleaved_times, median
+from . import speed
+from .common import interleaved_times, median
 
 
 def main(reps: int = 8) -> None:

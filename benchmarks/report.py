@@ -34,10 +34,17 @@ def _shape_label(key: str) -> str:
 
 def render_speed(speed: dict, command: str) -> str:
     s = speed["settings"]
+    gpu = s.get("device") == "cuda"
+    if gpu:
+        tokens = (
+            f"bf16 steps of {s['bf16_batch'] * s['seq']} tokens on the GPU, each timed with CUDA events after "
+            f"{s['warmup']} warm-up rounds and a synchronisation"
+        )
+    else:
+        tokens = f"fp32 steps use {s['batch'] * s['seq']} tokens, bf16 steps {s['bf16_batch'] * s['seq']} tokens"
     out = [
         f"### Speed and memory\n\nCommand: `{command}`. Model: hidden {s['hidden']}, {s['layers']} MoE layers, "
-        f"{s['heads']} heads, vocabulary {s['vocab']}, sequence length {s['seq']}; fp32 steps use "
-        f"{s['batch'] * s['seq']} tokens, bf16 steps {s['bf16_batch'] * s['seq']} tokens. A training step is "
+        f"{s['heads']} heads, vocabulary {s['vocab']}, sequence length {s['seq']}; {tokens}. A training step is "
         "forward + backward + AdamW step (loss includes the load-balancing loss). Ratios are of medians over "
         "interleaved repetitions in one process; < 1 means faster.\n"
     ]
@@ -62,20 +69,26 @@ def render_speed(speed: dict, command: str) -> str:
             )
         )
     if "training_step" in speed:
-        rows, orows, prow = [], [], []
+        rows, orows, prow, mrows = [], [], [], []
         for key, shape in speed["training_step"].items():
             choice = shape["peer_implementation"]
-            times = {k: _f(v["median_s"], 2) + " s" for k, v in choice["times"].items()}
+            times = {k: _f(v["median_s"], 3 if gpu else 2) + " s" for k, v in choice["times"].items()}
+            times |= {k: "out of memory" for k in choice.get("out_of_memory", {})}
             prow.append([_shape_label(key), choice["best"], ", ".join(f"{k}: {v}" for k, v in times.items())])
             for dtype in ("fp32", "bf16"):
                 if dtype not in shape:
                     continue
                 r = shape[dtype]
+                if "peak_memory_bytes" in r["topk"]:
+                    mixtral = f"mixtral_{choice['best']}"
+                    memory = [r[name]["peak_memory_bytes"] for name in ("default", "topk", mixtral)]
+                    mrows.append([_shape_label(key), dtype, *(f"{m / 2**30:.2f}" for m in memory)])
+                    mrows[-1].append(_pct(memory[0] / memory[1]))
                 row = [
                     _shape_label(key),
                     dtype,
                     r["tokens_per_step"],
-                    _f(r["topk"]["median_s"], 2),
+                    _f(r["topk"]["median_s"], 3 if gpu else 2),
                     _pct(r["default"]["ratio_vs_topk"]),
                     _pct(r["default_fixed"]["ratio_vs_topk"]) if "default_fixed" in r else "-",
                     _f(r["topk_vs_mixtral"]),
@@ -109,17 +122,31 @@ def render_speed(speed: dict, command: str) -> str:
             "< 1 means ours is faster. `dense straight-through / default`: the speed-up of Default MoE over "
             "computing every expert for the router gradient (DenseMixer-style).\n"
         )
-        out.append(
-            "\nOLMoE form (our model with `qk_norm=True`, `norm_topk_prob=False` vs `OlmoeForCausalLM`, "
-            "same weights):\n\n"
-        )
-        out.append(_table(["shape", "dtype", "our topk / OLMoE", "default vs topk"], orows))
-        out.append(
-            "\ntransformers' experts implementation per shape (fp32 training step; `batched_mm` gathers one "
-            "weight matrix per (token, expert) pair: 4096 x K x 2I x H x 4 bytes = 4.3 GB per layer at these "
-            "shapes; at I=512 it ran this 23 GB machine out of memory, so it is left out of training):\n\n"
-        )
+        if orows:
+            out.append(
+                "\nOLMoE form (our model with `qk_norm=True`, `norm_topk_prob=False` vs `OlmoeForCausalLM`, "
+                "same weights):\n\n"
+            )
+            out.append(_table(["shape", "dtype", "our topk / OLMoE", "default vs topk"], orows))
+        if gpu:
+            out.append(
+                "\ntransformers' experts implementation per shape (the fastest bf16 training step on the GPU of "
+                "those that fit in its memory):\n\n"
+            )
+        else:
+            out.append(
+                "\ntransformers' experts implementation per shape (fp32 training step; `batched_mm` gathers one "
+                "weight matrix per (token, expert) pair: 4096 x K x 2I x H x 4 bytes = 4.3 GB per layer at these "
+                "shapes; at I=512 it ran this 23 GB machine out of memory, so it is left out of training):\n\n"
+            )
         out.append(_table(["shape", "fastest", "median step time"], prow))
+        if mrows:
+            out.append(
+                "\nPeak GPU memory of a training step above the memory allocated before it (weights and AdamW "
+                "states of the models under test; `torch.cuda.max_memory_allocated`), GiB, the largest over the "
+                "repetitions:\n\n"
+            )
+            out.append(_table(["shape", "dtype", "default", "topk", "Mixtral", "default vs topk"], mrows))
     if "overhead" in speed:
         rows = []
         for key, r in speed["overhead"].items():
@@ -220,10 +247,16 @@ def render_speed(speed: dict, command: str) -> str:
         out.append(_table(["tokens", "topk s", "default s", "default vs topk"], rows))
     if "generation" in speed:
         g = speed["generation"]
-        rows = [[name, _f(r["tokens_per_s"], 1), _f(r["median_s"], 3)] for name, r in g.items() if isinstance(r, dict)]
+        rows = [
+            [name, _f(r["tokens_per_s"], 1), _f(r["median_s"], 3)]
+            for name, r in g.items()
+            if isinstance(r, dict) and "tokens_per_s" in r
+        ]
+        rows += [[name, "out of memory", "-"] for name in g.get("out_of_memory", {})]
+        dtype = s.get("dtypes", ["fp32"])[0]
         out.append(
             f"\n#### Generation (greedy, KV cache, batch 1, prompt {s['gen_prompt']}, {s['gen_new']} new "
-            f"tokens, fp32, {_shape_label('_'.join(f'{a}{b}' for a, b in zip('EKI', s['shapes'][0])))})\n\n"
+            f"tokens, {dtype}, {_shape_label('_'.join(f'{a}{b}' for a, b in zip('EKI', s['shapes'][0])))})\n\n"
         )
         out.append(_table(["model", "new tokens/s", "median s"], rows))
         out.append(
@@ -298,14 +331,55 @@ def render_quality(q: dict, command: str) -> str:
     return "\n".join(out)
 
 
+def render_serving(r: dict, command: str) -> str:
+    m, v, summary = r["model"], r["validation"], r.get("training_summary") or {}
+    dense = f" ({m['dense_layers']} dense)" if m["dense_layers"] else ""
+    trained = ""
+    if summary:
+        recorded = summary.get("final_losses", {}).get("eval_loss")
+        trained = f"; trained {summary['steps']} steps on {summary['tokens']:,} tokens"
+        trained += f" (validation loss recorded by the run: {recorded:.4f})" if recorded is not None else ""
+    out = [
+        f"### Serving with and without the defaults\n\nCommand: `{command}`. Checkpoint `{r['checkpoint']}`: "
+        f"routing={m['routing']!r}, {m['num_experts']} experts top-{m['top_k']}, {m['layers']} layers{dense}, "
+        f"hidden {m['hidden_size']}, {m['parameters'] / 1e6:.2f}M parameters{trained}. Validation: "
+        f"{v['sequences']} sequences of {v['sequence_length']} tokens ({v['tokens']:,} tokens) of the built-in "
+        "corpus' validation split; loss = mean next-token cross-entropy (nats), as `Trainer.evaluate` reports it.\n"
+    ]
+    labels = {
+        "defaults_on": "defaults on (the checkpoint as saved; served with `trust_remote_code`)",
+        "defaults_off": "defaults off (`config.default_in_inference=False`)",
+    }
+    on = r["losses"]["defaults_on"]
+    rows = []
+    for name, loss in r["losses"].items():
+        target = name.removeprefix("export_")
+        label = labels.get(name, f"`default-moe export --to {target}` ({r['exports'].get(target)})")
+        rows.append([label, _f(loss, 4), "-" if name == "defaults_on" else f"{loss - on:+.4f}", r["seconds"][name]])
+    out.append(_table(["model", "validation loss", "vs defaults on", "eval s"], rows))
+    refused = {t: why for t, why in r["exports"].items() if f"export_{t}" not in r["losses"]}
+    if refused:
+        out.append("\nExports the checkpoint does not allow: " + "; ".join(f"{t}: {w}" for t, w in refused.items()))
+    return "\n".join(out) + "\n"
+
+
 def render(results_list: list[dict]) -> str:
     first = results_list[0]
     m = first.get("machine", {})
+    if "gpu" in m:
+        machine = (
+            f"Machine: {m['gpu']} ({m['gpu_memory_bytes'] / 2**30:.0f} GiB, CUDA {m.get('cuda', '?')}), "
+            f"{m.get('processor', '?')}, {m.get('cpus', '?')} CPUs"
+        )
+    else:
+        machine = (
+            f"Machine: {m.get('processor', '?')}, {m.get('cpus', '?')} CPUs **shared with other engineers running "
+            f"tests** (timings are noisy; every comparison is interleaved within one process and reported as a "
+            f"ratio of medians)"
+        )
     out = [
         "## Benchmarks\n",
-        f"Machine: {m.get('processor', '?')}, {m.get('cpus', '?')} CPUs **shared with 4 other engineers running "
-        f"tests** (timings are noisy; every comparison is interleaved within one process and reported as a ratio "
-        f"of medians), torch intra-op threads {m.get('torch_threads', '?')}, {m.get('platform', '?')}, Python "
+        f"{machine}, torch intra-op threads {m.get('torch_threads', '?')}, {m.get('platform', '?')}, Python "
         f"{m.get('python', '?')}, torch {m.get('torch', '?')}, transformers {m.get('transformers', '?')}. "
         f"Date (UTC): {m.get('date_utc', '?')}.\n",
         "Commands: " + "; ".join(f"`{r['command']}`" for r in results_list) + " (then "
@@ -319,6 +393,8 @@ def render(results_list: list[dict]) -> str:
                 out.append(render_fidelity(res, results["command"]))
             elif name == "quality":
                 out.append(render_quality(res, results["command"]))
+            elif name == "serving":
+                out.append(render_serving(res, results["command"]))
             elif name == "conversion":
                 out.append(f"### Conversion memory\n\n```\n{json.dumps(res, indent=1)[:3000]}\n```\n")
     return "\n".join(out)

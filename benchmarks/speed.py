@@ -1,7 +1,14 @@
-"""Training-step speed and memory, MoE-layer overhead, scaling, and generation speed (CPU, fp32 and bf16).
+"""Training-step speed and memory, MoE-layer overhead, scaling, and generation speed (CPU fp32/bf16, or CUDA bf16).
 
 Every comparison runs its variants round-robin in one process (A B C, C B A, ...) and reports ratios of medians.
 All variants of one shape share the same weights (copied state dicts) and the same batch.
+
+`--device cuda` (`settings(quick, "cuda")`) runs the training steps and generation at the paper's shapes scaled to
+one GPU: hidden 1024, expert width 2816, 8 experts top-1 and top-2 and 32 experts top-4, sequence 2048, bf16. Runs
+are timed with CUDA events after a synchronisation, every variant is warmed up first, and each training step's peak
+GPU memory (`torch.cuda.max_memory_allocated` above what was allocated before the step) is recorded. transformers'
+Mixtral runs with the fastest of its experts implementations (grouped_mm, batched_mm, eager), measured per shape;
+one that runs out of GPU memory is dropped and reported.
 
 Variants of a training step (forward + backward + AdamW step, loss incl. the load-balancing loss):
   default  - our model, routing="default" (EMA defaults, dense router gradient)
@@ -14,6 +21,7 @@ Variants of a training step (forward + backward + AdamW step, loss incl. the loa
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -25,6 +33,7 @@ import torch
 from .common import (
     build_ours,
     build_peer,
+    drop_out_of_memory,
     interleaved_times,
     make_dense_st,
     median,
@@ -33,11 +42,19 @@ from .common import (
 )
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+PARTS = ("layer", "steps", "overhead", "memory", "scaling", "generation")
+DEVICE_PARTS = {"cpu": PARTS, "cuda": ("steps", "generation")}
+# transformers' experts implementations tried per shape (batched_mm is left out on the CPU: see peer_implementation)
+PEER_IMPLEMENTATIONS = {"cpu": ("grouped_mm", "eager"), "cuda": ("grouped_mm", "batched_mm", "eager")}
 
 
-def settings(quick: bool) -> dict:
+def settings(quick: bool, device: str = "cpu") -> dict:
+    if device == "cuda":
+        return _cuda_settings(quick)
+    common = dict(device="cpu", dtypes=["fp32", "bf16"], warmup=1)
     if quick:
         return dict(
+            **common,
             hidden=64,
             layers=2,
             vocab=256,
@@ -59,6 +76,7 @@ def settings(quick: bool) -> dict:
             overhead_reps=1,
         )
     return dict(
+        **common,
         hidden=256,
         layers=2,
         vocab=1024,
@@ -82,10 +100,43 @@ def settings(quick: bool) -> dict:
     )
 
 
+def _cuda_settings(quick: bool) -> dict:
+    """The GPU benchmark: bf16 only, more warm-up; `quick` keeps the CPU's tiny shapes (a check of the GPU path)."""
+    if quick:
+        return settings(True) | dict(device="cuda", dtypes=["bf16"], bf16_batch=2, warmup=2)
+    return dict(
+        device="cuda",
+        dtypes=["bf16"],
+        warmup=3,
+        hidden=1024,
+        layers=4,  # all MoE; 32 experts: 1.1B parameters per model, three models (plus AdamW states) on the GPU
+        vocab=32000,
+        heads=16,
+        seq=2048,
+        bf16_batch=4,  # 8192 tokens per step
+        # (experts, top-k, expert width): the paper's 8 experts top-1 and top-2 and 32 experts top-4
+        shapes=[(8, 1, 2816), (8, 2, 2816), (32, 4, 2816)],
+        bf16_reps=10,
+        gen_prompt=128,
+        gen_new=128,
+        gen_reps=5,
+    )
+
+
+def _device(s: dict) -> torch.device:
+    return torch.device(s["device"])
+
+
 def _models(s: dict, experts: int, top_k: int, inter: int, dtype, variants, seed: int = 0):
-    """Our model in the requested variants (same weights), plus transformers peers."""
+    """Our model in the requested variants (same weights), plus transformers peers, built on the settings' device."""
     shape = dict(hidden=s["hidden"], inter=inter, layers=s["layers"], experts=experts, top_k=top_k, vocab=s["vocab"])
     shape["heads"] = s["heads"]
+    device = _device(s)
+    with contextlib.nullcontext() if device.type == "cpu" else device:  # built in place (CPU: unchanged)
+        return _build_models(shape, dtype, variants, seed)
+
+
+def _build_models(shape: dict, dtype, variants, seed: int):
     base = build_ours(our_config(**shape, routing="default"), seed=seed)
     models = {}
     for name in variants:
@@ -115,7 +166,7 @@ def _olmoe_models(s: dict, experts: int, top_k: int, inter: int, dtype, impl: st
 
 def _batch(s: dict, batch: int | None = None) -> torch.Tensor:
     gen = torch.Generator().manual_seed(1234)
-    return torch.randint(0, s["vocab"], (batch or s["batch"], s["seq"]), generator=gen)
+    return torch.randint(0, s["vocab"], (batch or s["batch"], s["seq"]), generator=gen).to(_device(s))
 
 
 def _summarise(times: dict[str, list[float]], reference: str) -> dict:
@@ -134,26 +185,37 @@ def _log(msg: str) -> None:
 
 
 def peer_implementation(s: dict, experts: int, top_k: int, inter: int) -> dict:
-    """Pick transformers' fastest experts implementation for a training step (fp32) at this shape.
+    """Pick transformers' fastest experts implementation for a training step at this shape (the first dtype).
 
     `batched_mm` gathers one (2I x H) weight matrix per (token, expert) pair: 4096 tokens x K x 2I x H x 4 bytes is
-    8.6 GB at (8, top-2, I=512, H=256): it ran this machine out of memory, so it is excluded from training steps.
+    8.6 GB at (8, top-2, I=512, H=256): it ran this machine out of memory, so it is excluded from CPU training
+    steps. On CUDA every implementation is tried, and one that runs out of GPU memory is dropped (`out_of_memory`).
     """
-    impls = ["grouped_mm", "eager"]
-    models = _models(s, experts, top_k, inter, torch.float32, [f"mixtral_{i}" for i in impls])
-    batch = _batch(s)
-    times = interleaved_times({n: train_step_fn(m, batch) for n, m in models.items()}, reps=2)
-    best = min(impls, key=lambda i: median(times[f"mixtral_{i}"]))
-    return {"best": best, "times": _summarise(times, f"mixtral_{best}")}
+    impls = PEER_IMPLEMENTATIONS[_device(s).type]
+    _, dtype, rows, _ = _dtype_plan(s)[0]
+    models = _models(s, experts, top_k, inter, dtype, [f"mixtral_{i}" for i in impls])
+    batch = _batch(s, rows)
+    fns = {n: train_step_fn(m, batch) for n, m in models.items()}
+    dropped = drop_out_of_memory(fns, models, _device(s))
+    if not fns:
+        raise RuntimeError(f"every experts implementation ran out of memory at E={experts}, K={top_k}: {dropped}")
+    times = interleaved_times(fns, reps=2, warmup=s["warmup"], device=_device(s))
+    best = min((n.removeprefix("mixtral_") for n in fns), key=lambda i: median(times[f"mixtral_{i}"]))
+    choice = {"best": best, "times": _summarise(times, f"mixtral_{best}")}
+    if dropped:
+        choice["out_of_memory"] = dropped
+    return choice
 
 
 def _dtype_plan(s: dict) -> list[tuple[str, torch.dtype, int, int]]:
-    """(name, dtype, batch rows, repetitions) per dtype."""
-    return [("fp32", torch.float32, s["batch"], s["reps"]), ("bf16", torch.bfloat16, s["bf16_batch"], s["bf16_reps"])]
+    """(name, dtype, batch rows, repetitions) per dtype of the settings."""
+    keys = {"fp32": ("batch", "reps"), "bf16": ("bf16_batch", "bf16_reps")}
+    return [(name, DTYPES[name], s[keys[name][0]], s[keys[name][1]]) for name in s["dtypes"]]
 
 
 def training_steps(s: dict, log=_log) -> dict:
     out = {}
+    device = _device(s)
     for experts, top_k, inter in s["shapes"]:
         key = f"E{experts}_K{top_k}_I{inter}"
         choice = peer_implementation(s, experts, top_k, inter)
@@ -165,11 +227,15 @@ def training_steps(s: dict, log=_log) -> dict:
             batch = _batch(s, rows)
             names = ["default", "topk", mixtral]
             models = _models(s, experts, top_k, inter, dtype, names)
-            times = interleaved_times({n: train_step_fn(m, batch) for n, m in models.items()}, reps=reps)
+            peak = {} if device.type == "cuda" else None
+            fns = {n: train_step_fn(m, batch) for n, m in models.items()}
+            times = interleaved_times(fns, reps=reps, warmup=s["warmup"], device=device, peak_memory=peak)
             res = {"tokens_per_step": batch.numel(), **_summarise(times, "topk")}
+            for name, values in (peak or {}).items():
+                res[name]["peak_memory_bytes"] = max(values)
             res["default_overhead"] = res["default"]["ratio_vs_topk"] - 1
             res["topk_vs_mixtral"] = median(times["topk"]) / median(times[mixtral])
-            del models
+            del models, fns
             msg = f"{key} {dtype_name}: default/topk {res['default']['ratio_vs_topk']:.3f}"
             msg += f", topk/mixtral {res['topk_vs_mixtral']:.3f}"
             if dtype_name == "fp32":
@@ -266,10 +332,12 @@ def scaling(s: dict, log=_log) -> dict:
 
 
 def generation(s: dict, log=_log) -> dict:
-    """Greedy generation with KV cache, batch 1, fp32: new tokens per second, ours vs transformers' Mixtral."""
+    """Greedy generation with KV cache, batch 1 (fp32 on the CPU, bf16 on CUDA): new tokens per second, ours vs
+    transformers' Mixtral in each of its experts implementations."""
     experts, top_k, inter = s["shapes"][0]
     names = ["default", "topk", "mixtral_grouped_mm", "mixtral_batched_mm", "mixtral_eager"]
-    models = _models(s, experts, top_k, inter, torch.float32, names)
+    dtype_name, dtype, _, _ = _dtype_plan(s)[0]
+    models = _models(s, experts, top_k, inter, dtype, names)
     prompt = _batch(s, 1)[:, : s["gen_prompt"]]
     new = s["gen_new"]
     fns = {}
@@ -283,15 +351,21 @@ def generation(s: dict, log=_log) -> dict:
                 model.generate(prompt, max_new_tokens=new, min_new_tokens=new, do_sample=False)
 
         fns[name] = fn
-    times = interleaved_times(fns, reps=s["gen_reps"])
+    dropped = drop_out_of_memory(fns, models, _device(s))
+    times = interleaved_times(fns, reps=s["gen_reps"], warmup=s["warmup"], device=_device(s))
     res = _summarise(times, "topk")
-    for name in names:
+    for name in fns:
         res[name]["tokens_per_s"] = new / median(times[name])
-    best = min((n for n in names if n.startswith("mixtral")), key=lambda n: median(times[n]))
+    best = min((n for n in fns if n.startswith("mixtral")), key=lambda n: median(times[n]))
     res["fastest_mixtral"] = best
     res["default_vs_fastest_mixtral_tokens_per_s"] = res["default"]["tokens_per_s"] / res[best]["tokens_per_s"]
     res["topk_vs_fastest_mixtral_tokens_per_s"] = res["topk"]["tokens_per_s"] / res[best]["tokens_per_s"]
-    log(f"generation: default {res['default']['tokens_per_s']:.1f} tok/s, {best} {res[best]['tokens_per_s']:.1f} tok/s")
+    if dropped:
+        res["out_of_memory"] = dropped
+    log(
+        f"generation ({dtype_name}): default {res['default']['tokens_per_s']:.1f} tok/s, {best} "
+        f"{res[best]['tokens_per_s']:.1f} tok/s"
+    )
     return res
 
 
@@ -391,11 +465,15 @@ def peak_rss(s: dict, log=_log) -> dict:
     return out
 
 
-PARTS = ("layer", "steps", "overhead", "memory", "scaling", "generation")
+def check_parts(parts: tuple[str, ...], device: str) -> None:
+    unsupported = sorted(set(parts) - set(DEVICE_PARTS[device]))
+    if unsupported:
+        raise ValueError(f"speed parts {unsupported} do not run on {device}; it runs {', '.join(DEVICE_PARTS[device])}")
 
 
-def run(quick: bool = False, parts: tuple[str, ...] = PARTS) -> dict:
-    s = settings(quick)
+def run(quick: bool = False, parts: tuple[str, ...] = PARTS, device: str = "cpu") -> dict:
+    check_parts(parts, device)
+    s = settings(quick, device)
     res = {"settings": s}
     if "layer" in parts:
         res["moe_layer"] = moe_layer(s)
