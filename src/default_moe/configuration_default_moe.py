@@ -195,7 +195,7 @@ class DefaultMoeConfig(PreTrainedConfig):
             fail("clip_qkv", "None or a positive number")
         if self.sliding_window is not None and self.sliding_window < 1:
             fail("sliding_window", "None or a positive integer")
-        if self.qk_norm not in QK_NORMS or isinstance(self.qk_norm, int) and self.qk_norm is not False:
+        if not (self.qk_norm is False or self.qk_norm in QK_NORMS[1:]):
             fail("qk_norm", f"one of {QK_NORMS}")
         shared = self.shared_expert_intermediate_size
         if shared is not None and (not isinstance(shared, int) or isinstance(shared, bool) or shared < 1):
