@@ -20,6 +20,27 @@ from default_moe import DefaultMoeForCausalLM
 from default_moe.modeling_default_moe import DefaultMoeSparseMoeBlock
 from tiny_models import random_ids, tiny_model
 
+# Qwen3-MoE / Qwen2-MoE / OLMo-3 features together: per-head q/k norms, a dense layer between MoE layers, a gated
+# shared expert, sliding and full layers with a RoPE each.
+QWEN_STYLE = dict(
+    num_hidden_layers=3,
+    dense_layers=[1],
+    shared_expert_intermediate_size=16,
+    qk_norm="head",
+    head_dim=16,
+    sliding_window=4,
+    layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+    rope_parameters={
+        "full_attention": {
+            "rope_type": "yarn",
+            "rope_theta": 1e4,
+            "factor": 4.0,
+            "original_max_position_embeddings": 16,
+        },
+        "sliding_attention": {"rope_type": "default", "rope_theta": 1e3},
+    },
+)
+
 
 def moe_blocks(model):
     return [layer.mlp for layer in model.model.layers if isinstance(layer.mlp, DefaultMoeSparseMoeBlock)]
@@ -60,11 +81,14 @@ CHECKPOINT_CONFIGS = [
         qk_norm=True,
     ),
     dict(routing="topk", router_aux_loss_coef=1.0),
+    QWEN_STYLE,
 ]
 
 
 @pytest.mark.parametrize(
-    "overrides", CHECKPOINT_CONFIGS, ids=["paper", "causal-router_prob", "jitter-aux-z-dense-postnorm", "topk"]
+    "overrides",
+    CHECKPOINT_CONFIGS,
+    ids=["paper", "causal-router_prob", "jitter-aux-z-dense-postnorm", "topk", "qwen-style"],
 )
 @pytest.mark.parametrize("use_reentrant", [True, False], ids=["reentrant", "non-reentrant"])
 def test_activation_checkpointing_gives_identical_ema_and_gradients(overrides, use_reentrant):
@@ -80,10 +104,7 @@ def test_activation_checkpointing_gives_identical_ema_and_gradients(overrides, u
         for name in ref_grads:
             torch.testing.assert_close(grads[name], ref_grads[name], atol=1e-7, rtol=1e-6, msg=name)
     # The router (incl. the load-balancing / z-loss part) really got its gradient under checkpointing.
-    assert all(
-        checkpointed[0][2][f"model.layers.{i}.mlp.gate.weight"].norm() > 0
-        for i in range(model.config.num_dense_layers, model.config.num_hidden_layers)
-    )
+    assert all(checkpointed[0][2][f"model.layers.{i}.mlp.gate.weight"].norm() > 0 for i in model.config.moe_layers)
 
 
 def test_gradient_accumulation_advances_the_ema_once_per_micro_batch():
@@ -166,7 +187,9 @@ def test_router_losses_scale_with_num_items_in_batch():
 
 
 @pytest.mark.parametrize(
-    "overrides", [dict(), dict(qk_norm=True, clip_qkv=0.5, attention_bias=True), dict(sliding_window=4)]
+    "overrides",
+    [dict(), dict(qk_norm=True, clip_qkv=0.5, attention_bias=True), dict(sliding_window=4), QWEN_STYLE],
+    ids=["plain", "olmoe", "sliding", "qwen-style"],
 )
 def test_sdpa_is_the_default_and_matches_eager(overrides):
     sdpa = tiny_model(**overrides).eval()
@@ -183,7 +206,7 @@ def test_sdpa_is_the_default_and_matches_eager(overrides):
 
 
 def trained_tiny_model(**overrides):
-    model = tiny_model(num_hidden_layers=3, num_dense_layers=1, **overrides)
+    model = tiny_model(**(dict(num_hidden_layers=3, num_dense_layers=1) | overrides))
     train_steps(model, steps=2)
     model.eval()
     return model
@@ -208,9 +231,13 @@ LOAD_SNIPPET = textwrap.dedent(
 )
 
 
-@pytest.mark.parametrize("norm_placement", ["pre", "post"])
-def test_saved_folder_loads_with_remote_code_in_a_fresh_process(tmp_path, norm_placement):
-    model = trained_tiny_model(norm_placement=norm_placement)
+@pytest.mark.parametrize(
+    "overrides",
+    [dict(norm_placement="pre"), dict(norm_placement="post"), QWEN_STYLE],
+    ids=["pre", "post", "qwen-style"],
+)
+def test_saved_folder_loads_with_remote_code_in_a_fresh_process(tmp_path, overrides):
+    model = trained_tiny_model(**overrides)
     assert all(ema.abs().sum() > 0 for ema in emas(model))
     model.save_pretrained(tmp_path)
     assert {"configuration_default_moe.py", "modeling_default_moe.py", "config.json"} <= set(os.listdir(tmp_path))
@@ -240,6 +267,7 @@ def test_saved_folder_loads_with_remote_code_in_a_fresh_process(tmp_path, norm_p
             "modeling_default_moe",
             {
                 "collections",
+                "copy",
                 "dataclasses",
                 "inspect",
                 "warnings",
