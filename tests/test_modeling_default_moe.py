@@ -205,6 +205,39 @@ def test_sdpa_is_the_default_and_matches_eager(overrides):
     )
 
 
+@pytest.mark.parametrize(
+    ("layer_types", "expected"),
+    [
+        (["full_attention"] * 4, {"create_causal_mask": 1}),
+        (["sliding_attention"] * 4, {"create_sliding_window_causal_mask": 1}),
+        (
+            ["sliding_attention", "sliding_attention", "sliding_attention", "full_attention"],  # OLMo-3's pattern
+            {"create_causal_mask": 1, "create_sliding_window_causal_mask": 1},
+        ),
+    ],
+    ids=["full", "sliding", "mixed"],
+)
+def test_one_mask_per_attention_kind_per_forward(monkeypatch, layer_types, expected):
+    """Every layer of a kind shares its mask: built once per forward, not once per layer."""
+    import default_moe.modeling_default_moe as modeling
+
+    calls = {}
+
+    def counting(name, real):
+        def counted(*args, **kwargs):
+            calls[name] = calls.get(name, 0) + 1
+            return real(*args, **kwargs)
+
+        return counted
+
+    for name in ("create_causal_mask", "create_sliding_window_causal_mask"):
+        monkeypatch.setattr(modeling, name, counting(name, getattr(modeling, name)))
+    model = tiny_model(num_hidden_layers=4, sliding_window=4, layer_types=layer_types).eval()
+    with torch.no_grad():
+        model(random_ids(seq=10))
+    assert calls == expected
+
+
 def trained_tiny_model(**overrides):
     model = tiny_model(**(dict(num_hidden_layers=3, num_dense_layers=1) | overrides))
     train_steps(model, steps=2)

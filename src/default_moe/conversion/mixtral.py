@@ -55,7 +55,7 @@ def export_config(config) -> MixtralConfig:
     require(config.clip_qkv is None, target, "Mixtral has no clip_qkv")
     require(not config.attention_bias, target, "Mixtral has no attention bias")
     require(
-        config.num_dense_layers == 0,
+        not config.dense_layers,
         target,
         f"Mixtral has no dense layers (dense_layers={config.dense_layers})",
     )

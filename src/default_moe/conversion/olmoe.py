@@ -61,7 +61,7 @@ def check_exportable(config, target: str, norm_placement: str) -> None:
         f"{target} always has q/k norms over the whole projections (qk_norm={config.qk_norm!r} here)",
     )
     require("sliding_attention" not in config.layer_types, target, f"{target} has no sliding window")
-    require(config.num_dense_layers == 0, target, f"{target} has no dense layers (dense_layers={config.dense_layers})")
+    require(not config.dense_layers, target, f"{target} has no dense layers (dense_layers={config.dense_layers})")
     require(config.shared_expert_intermediate_size is None, target, f"{target} has no shared expert")
     require(
         config.head_dim * config.num_attention_heads == config.hidden_size,
