@@ -142,7 +142,6 @@ class DefaultMoeConfig(PreTrainedConfig):
         if self.qk_norm is True:  # written before qk_norm="head" existed
             self.qk_norm = "projection"
         self._check_fields()
-        self._set_layer_fields()
         super().__post_init__(**kwargs)
 
     @property
@@ -201,13 +200,8 @@ class DefaultMoeConfig(PreTrainedConfig):
         if shared is not None and (not isinstance(shared, int) or isinstance(shared, bool) or shared < 1):
             fail("shared_expert_intermediate_size", "None or a positive integer")
 
-    def _set_layer_fields(self):
-        """Checks the per-layer lists (`dense_layers`, `layer_types`) and fills them in from the shorthands."""
+        # The per-layer lists: checked, or filled in from their shorthands (num_dense_layers, sliding_window).
         num_layers = self.num_hidden_layers
-
-        def fail(field, accepted):
-            raise ValueError(f"DefaultMoeConfig.{field}={getattr(self, field)!r} is invalid: expected {accepted}")
-
         if self.dense_layers is None:
             self.dense_layers = list(range(self.num_dense_layers))
         else:
