@@ -18,28 +18,7 @@ from transformers.utils import logging as hf_logging
 
 from default_moe import DefaultMoeForCausalLM
 from default_moe.modeling_default_moe import DefaultMoeSparseMoeBlock
-from tiny_models import random_ids, tiny_model
-
-# Qwen3-MoE / Qwen2-MoE / OLMo-3 features together: per-head q/k norms, a dense layer between MoE layers, a gated
-# shared expert, sliding and full layers with a RoPE each.
-QWEN_STYLE = dict(
-    num_hidden_layers=3,
-    dense_layers=[1],
-    shared_expert_intermediate_size=16,
-    qk_norm="head",
-    head_dim=16,
-    sliding_window=4,
-    layer_types=["sliding_attention", "full_attention", "sliding_attention"],
-    rope_parameters={
-        "full_attention": {
-            "rope_type": "yarn",
-            "rope_theta": 1e4,
-            "factor": 4.0,
-            "original_max_position_embeddings": 16,
-        },
-        "sliding_attention": {"rope_type": "default", "rope_theta": 1e3},
-    },
-)
+from tiny_models import QWEN_STYLE, random_ids, tiny_model
 
 
 def moe_blocks(model):

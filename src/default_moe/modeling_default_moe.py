@@ -706,21 +706,24 @@ class DefaultMoeModel(DefaultMoePreTrainedModel):
             position_ids = torch.arange(inputs_embeds.shape[1], device=inputs_embeds.device) + past_seen_tokens
             position_ids = position_ids.unsqueeze(0)
 
-        # One mask per attention kind in use (`config.layer_types`), shared by every layer of that kind.
+        # One mask per attention kind in use (`config.layer_types`), shared by every layer of that kind; generate()
+        # with a static cache passes them ready-made, as such a dict.
         mask_functions = {"full_attention": create_causal_mask, "sliding_attention": create_sliding_window_causal_mask}
-        masks = {
-            kind: mask_functions[kind](
-                config=self.config,
-                inputs_embeds=inputs_embeds,
-                attention_mask=attention_mask,
-                position_ids=position_ids,
-                **{_MASK_CACHE_NAME: cache},
-            )
-            for kind in dict.fromkeys(self.config.layer_types)
-        }
+        masks = attention_mask
+        if not isinstance(masks, dict):
+            masks = {
+                kind: mask_functions[kind](
+                    config=self.config,
+                    inputs_embeds=inputs_embeds,
+                    attention_mask=attention_mask,
+                    position_ids=position_ids,
+                    **{_MASK_CACHE_NAME: cache},
+                )
+                for kind in dict.fromkeys(self.config.layer_types)
+            }
         # Padding tokens (2-D attention mask, last S columns) stay out of the EMA and the router losses.
         token_mask = None
-        if attention_mask is not None and attention_mask.dim() == 2:
+        if isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 2:
             token_mask = attention_mask[:, -inputs_embeds.shape[1] :].reshape(-1).bool()
 
         hidden_states = inputs_embeds
