@@ -21,6 +21,8 @@ CONFIGS = {
     "gqa_head_dim": {"num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 6},
     "wide_dense": {"dense_intermediate_size": 24, "num_hidden_layers": 3},
     "top1_of_8": {"num_experts": 8, "num_experts_per_tok": 1},
+    "qk_norm_head": {"qk_norm": "head", "head_dim": 16},
+    "shared_expert_dense_middle": {"num_hidden_layers": 3, "dense_layers": [1], "shared_expert_intermediate_size": 20},
 }
 
 
@@ -97,6 +99,29 @@ def test_card_metadata_and_body(folder):
         ({"default_ema_weighting": "router_prob", "default_ema_update": "after_use"}, "`after_use`"),
         ({"default_ema_beta": 0.65, "norm_topk_prob": True}, "| EMA decay beta | 0.65 |"),
         ({"norm_placement": "post"}, "| RMSNorm placement | post: on attention and MLP outputs (OLMo-2 style) |"),
+        ({"qk_norm": "head"}, "| q/k RMSNorm | per head (Qwen3 style) |"),
+        ({"qk_norm": True}, "| q/k RMSNorm | over the whole projections (OLMoE style) |"),
+        (
+            {"shared_expert_intermediate_size": 20},
+            "| Shared expert (every MoE layer) | width 20, sigmoid-gated, always selected (no default vector) |",
+        ),
+        ({"num_hidden_layers": 3, "dense_layers": [1]}, "| Layers | 3 (1 dense, 2 MoE); dense: 1 |"),
+        ({"num_hidden_layers": 3, "num_dense_layers": 1}, "| Layers | 3 (1 dense, 2 MoE) |"),
+        (
+            {"sliding_window": 8, "layer_types": ["sliding_attention", "full_attention"]},
+            "| Sliding window | 8 on 1 of 2 layers |",
+        ),
+        (
+            {
+                "sliding_window": 8,
+                "layer_types": ["sliding_attention", "full_attention"],
+                "rope_parameters": {
+                    "full_attention": {"rope_type": "default", "rope_theta": 500000.0},
+                    "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+                },
+            },
+            "| RoPE (sliding attention) | rope_theta: 10000, rope_type: default |",
+        ),
     ],
 )
 def test_card_reflects_routing_settings(tmp_path, overrides, expected):

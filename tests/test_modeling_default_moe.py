@@ -18,7 +18,7 @@ from transformers.utils import logging as hf_logging
 
 from default_moe import DefaultMoeForCausalLM
 from default_moe.modeling_default_moe import DefaultMoeSparseMoeBlock
-from tiny_models import random_ids, tiny_model
+from tiny_models import QWEN_STYLE, random_ids, tiny_model
 
 
 def moe_blocks(model):
@@ -60,11 +60,14 @@ CHECKPOINT_CONFIGS = [
         qk_norm=True,
     ),
     dict(routing="topk", router_aux_loss_coef=1.0),
+    QWEN_STYLE,
 ]
 
 
 @pytest.mark.parametrize(
-    "overrides", CHECKPOINT_CONFIGS, ids=["paper", "causal-router_prob", "jitter-aux-z-dense-postnorm", "topk"]
+    "overrides",
+    CHECKPOINT_CONFIGS,
+    ids=["paper", "causal-router_prob", "jitter-aux-z-dense-postnorm", "topk", "qwen-style"],
 )
 @pytest.mark.parametrize("use_reentrant", [True, False], ids=["reentrant", "non-reentrant"])
 def test_activation_checkpointing_gives_identical_ema_and_gradients(overrides, use_reentrant):
@@ -80,10 +83,7 @@ def test_activation_checkpointing_gives_identical_ema_and_gradients(overrides, u
         for name in ref_grads:
             torch.testing.assert_close(grads[name], ref_grads[name], atol=1e-7, rtol=1e-6, msg=name)
     # The router (incl. the load-balancing / z-loss part) really got its gradient under checkpointing.
-    assert all(
-        checkpointed[0][2][f"model.layers.{i}.mlp.gate.weight"].norm() > 0
-        for i in range(model.config.num_dense_layers, model.config.num_hidden_layers)
-    )
+    assert all(checkpointed[0][2][f"model.layers.{i}.mlp.gate.weight"].norm() > 0 for i in model.config.moe_layers)
 
 
 def test_gradient_accumulation_advances_the_ema_once_per_micro_batch():
@@ -166,7 +166,9 @@ def test_router_losses_scale_with_num_items_in_batch():
 
 
 @pytest.mark.parametrize(
-    "overrides", [dict(), dict(qk_norm=True, clip_qkv=0.5, attention_bias=True), dict(sliding_window=4)]
+    "overrides",
+    [dict(), dict(qk_norm=True, clip_qkv=0.5, attention_bias=True), dict(sliding_window=4), QWEN_STYLE],
+    ids=["plain", "olmoe", "sliding", "qwen-style"],
 )
 def test_sdpa_is_the_default_and_matches_eager(overrides):
     sdpa = tiny_model(**overrides).eval()
@@ -182,8 +184,41 @@ def test_sdpa_is_the_default_and_matches_eager(overrides):
     )
 
 
+@pytest.mark.parametrize(
+    ("layer_types", "expected"),
+    [
+        (["full_attention"] * 4, {"create_causal_mask": 1}),
+        (["sliding_attention"] * 4, {"create_sliding_window_causal_mask": 1}),
+        (
+            ["sliding_attention", "sliding_attention", "sliding_attention", "full_attention"],  # OLMo-3's pattern
+            {"create_causal_mask": 1, "create_sliding_window_causal_mask": 1},
+        ),
+    ],
+    ids=["full", "sliding", "mixed"],
+)
+def test_one_mask_per_attention_kind_per_forward(monkeypatch, layer_types, expected):
+    """Every layer of a kind shares its mask: built once per forward, not once per layer."""
+    import default_moe.modeling_default_moe as modeling
+
+    calls = {}
+
+    def counting(name, real):
+        def counted(*args, **kwargs):
+            calls[name] = calls.get(name, 0) + 1
+            return real(*args, **kwargs)
+
+        return counted
+
+    for name in ("create_causal_mask", "create_sliding_window_causal_mask"):
+        monkeypatch.setattr(modeling, name, counting(name, getattr(modeling, name)))
+    model = tiny_model(num_hidden_layers=4, sliding_window=4, layer_types=layer_types).eval()
+    with torch.no_grad():
+        model(random_ids(seq=10))
+    assert calls == expected
+
+
 def trained_tiny_model(**overrides):
-    model = tiny_model(num_hidden_layers=3, num_dense_layers=1, **overrides)
+    model = tiny_model(**(dict(num_hidden_layers=3, num_dense_layers=1) | overrides))
     train_steps(model, steps=2)
     model.eval()
     return model
@@ -208,9 +243,13 @@ LOAD_SNIPPET = textwrap.dedent(
 )
 
 
-@pytest.mark.parametrize("norm_placement", ["pre", "post"])
-def test_saved_folder_loads_with_remote_code_in_a_fresh_process(tmp_path, norm_placement):
-    model = trained_tiny_model(norm_placement=norm_placement)
+@pytest.mark.parametrize(
+    "overrides",
+    [dict(norm_placement="pre"), dict(norm_placement="post"), QWEN_STYLE],
+    ids=["pre", "post", "qwen-style"],
+)
+def test_saved_folder_loads_with_remote_code_in_a_fresh_process(tmp_path, overrides):
+    model = trained_tiny_model(**overrides)
     assert all(ema.abs().sum() > 0 for ema in emas(model))
     model.save_pretrained(tmp_path)
     assert {"configuration_default_moe.py", "modeling_default_moe.py", "config.json"} <= set(os.listdir(tmp_path))
@@ -240,6 +279,7 @@ def test_saved_folder_loads_with_remote_code_in_a_fresh_process(tmp_path, norm_p
             "modeling_default_moe",
             {
                 "collections",
+                "copy",
                 "dataclasses",
                 "inspect",
                 "warnings",

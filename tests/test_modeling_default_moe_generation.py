@@ -10,10 +10,11 @@ import torch
 from transformers.utils import logging as hf_logging
 
 from default_moe.modeling_default_moe import CACHE_NAME, DefaultMoeSparseMoeBlock
-from tiny_models import random_ids, tiny_model
+from tiny_models import QWEN_STYLE, random_ids, tiny_model
 
-CONFIGS = [dict(), dict(num_hidden_layers=3, num_dense_layers=1, qk_norm=True), dict(sliding_window=4)]
-CONFIG_IDS = ["plain", "dense-qknorm", "sliding"]
+# qwen-style: sliding and full layers (16 positions against a window of 4), a RoPE per kind, a shared expert.
+CONFIGS = [dict(), dict(num_hidden_layers=3, num_dense_layers=1, qk_norm=True), dict(sliding_window=4), QWEN_STYLE]
+CONFIG_IDS = ["plain", "dense-qknorm", "sliding", "qwen-style"]
 
 
 def warm_model(**overrides):

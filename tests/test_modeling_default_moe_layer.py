@@ -1,6 +1,6 @@
 """The Default MoE block against a plain loop-based reference of DESIGN.md §2, and against transformers' own
-Mixtral/OLMoE blocks when the defaults are zero. Tolerance: 1e-5 absolute plus 1e-5 relative in float32 (the
-implementations sum the same terms in a different order)."""
+Mixtral/OLMoE/Qwen3-MoE/Qwen2-MoE blocks when the defaults are zero. Tolerance: 1e-5 absolute plus 1e-5 relative in
+float32 (the implementations sum the same terms in a different order)."""
 
 import pytest
 import torch
@@ -9,6 +9,10 @@ from transformers.models.mixtral.configuration_mixtral import MixtralConfig
 from transformers.models.mixtral.modeling_mixtral import MixtralExperts, MixtralSparseMoeBlock
 from transformers.models.olmoe.configuration_olmoe import OlmoeConfig
 from transformers.models.olmoe.modeling_olmoe import OlmoeSparseMoeBlock
+from transformers.models.qwen2_moe.configuration_qwen2_moe import Qwen2MoeConfig
+from transformers.models.qwen2_moe.modeling_qwen2_moe import Qwen2MoeSparseMoeBlock
+from transformers.models.qwen3_moe.configuration_qwen3_moe import Qwen3MoeConfig
+from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeSparseMoeBlock
 
 from default_moe.modeling_default_moe import DefaultMoeSparseMoeBlock
 from tiny_models import tiny_config
@@ -26,7 +30,8 @@ def make_block(seed=0, **overrides) -> DefaultMoeSparseMoeBlock:
 
 
 def reference_block(block, x_TH, ema_EH, training):
-    """Token-by-token, expert-by-expert Default MoE (DESIGN.md §2). Returns (y, new_ema)."""
+    """Token-by-token, expert-by-expert Default MoE (DESIGN.md §2), plus the gated shared expert when the block has
+    one: always selected, so it has no default and is no part of the EMA statistics. Returns (y, new_ema)."""
     config = block.config
     num_experts, top_k = config.num_experts, config.num_experts_per_tok
     w_router = block.gate.weight
@@ -70,6 +75,11 @@ def reference_block(block, x_TH, ema_EH, training):
             weights = weights / weights.sum()
         y = sum(w * outputs[t][i] for w, i in zip(weights, selected))
         y = y + sum(probs[t, i] * used[i] for i in range(num_experts) if i not in selected)
+        if block.shared_expert is not None:
+            shared = block.shared_expert
+            x_H = x_TH[t]
+            s_H = shared.down_proj.weight @ (F.silu(shared.gate_proj.weight @ x_H) * (shared.up_proj.weight @ x_H))
+            y = y + torch.sigmoid(block.shared_expert_gate.weight @ x_H) * s_H
         ys.append(y)
     return torch.stack(ys), new_ema
 
@@ -82,6 +92,8 @@ LAYER_CONFIGS = [
     dict(num_experts=8, num_experts_per_tok=2, default_ema_beta=0.0),
     dict(num_experts=4, num_experts_per_tok=2, routing="topk"),
     dict(num_experts=4, num_experts_per_tok=2, default_in_inference=False),
+    dict(num_experts=4, num_experts_per_tok=2, shared_expert_intermediate_size=20),
+    dict(num_experts=4, num_experts_per_tok=1, shared_expert_intermediate_size=8, default_ema_weighting="router_prob"),
 ]
 
 
@@ -183,26 +195,50 @@ def test_router_gets_gradient_from_unselected_experts_only_with_defaults():
     assert (grads["default"][unselected] - grads["topk"][unselected]).abs().sum(-1).min() > 1e-6
 
 
-@pytest.mark.parametrize(
-    ("reference_cls", "reference_config_cls", "norm_topk_prob"),
-    [(MixtralSparseMoeBlock, MixtralConfig, True), (OlmoeSparseMoeBlock, OlmoeConfig, False)],
-    ids=["mixtral", "olmoe"],
-)
+REFERENCE_BLOCKS = {  # name -> (transformers' block, its config, our overrides)
+    "mixtral": (
+        MixtralSparseMoeBlock,
+        MixtralConfig(hidden_size=32, intermediate_size=24, num_local_experts=8, num_experts_per_tok=2),
+        dict(norm_topk_prob=True),
+    ),
+    "olmoe": (
+        OlmoeSparseMoeBlock,
+        OlmoeConfig(hidden_size=32, intermediate_size=24, num_experts=8, num_experts_per_tok=2),
+        dict(norm_topk_prob=False),
+    ),
+    "qwen3_moe": (
+        Qwen3MoeSparseMoeBlock,
+        Qwen3MoeConfig(
+            hidden_size=32, moe_intermediate_size=24, num_experts=8, num_experts_per_tok=2, norm_topk_prob=True
+        ),
+        dict(norm_topk_prob=True),
+    ),
+    "qwen2_moe-shared-expert": (
+        Qwen2MoeSparseMoeBlock,
+        Qwen2MoeConfig(
+            hidden_size=32,
+            moe_intermediate_size=24,
+            shared_expert_intermediate_size=20,
+            num_experts=8,
+            num_experts_per_tok=2,
+        ),
+        dict(norm_topk_prob=False, shared_expert_intermediate_size=20),
+    ),
+}
+
+
+@pytest.mark.parametrize("reference_name", list(REFERENCE_BLOCKS))
 @pytest.mark.parametrize("routing", ["default", "topk"])
-def test_zero_defaults_equal_transformers_top_k_block(reference_cls, reference_config_cls, norm_topk_prob, routing):
+def test_zero_defaults_equal_transformers_top_k_block(reference_name, routing):
     """With all defaults zero (fresh or converted), and with routing='topk' whatever the defaults, the layer is
-    exactly transformers' standard top-K MoE block, in eval and in training. (In training, "before_use" would first
-    fold this batch into the zero defaults, so the zero-defaults case uses the causal "after_use" order.)"""
+    exactly transformers' standard top-K MoE block (with its shared expert, for Qwen2-MoE), in eval and in training.
+    (In training, "before_use" would first fold this batch into the zero defaults, so the zero-defaults case uses the
+    causal "after_use" order.)"""
+    reference_cls, reference_config, overrides = REFERENCE_BLOCKS[reference_name]
     block = make_block(
-        num_experts=8,
-        num_experts_per_tok=2,
-        norm_topk_prob=norm_topk_prob,
-        routing=routing,
-        default_ema_update="after_use",
+        num_experts=8, num_experts_per_tok=2, routing=routing, default_ema_update="after_use", **overrides
     )
-    reference = reference_cls(
-        reference_config_cls(hidden_size=32, intermediate_size=24, num_local_experts=8, num_experts_per_tok=2)
-    )
+    reference = reference_cls(reference_config)
     reference.load_state_dict({k: v for k, v in block.state_dict().items() if "default_outputs" not in k})
     if routing == "topk":
         torch.nn.init.normal_(block.default_outputs.ema)  # ignored by top-K routing

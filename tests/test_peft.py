@@ -154,6 +154,17 @@ def test_without_keep_defaults_the_ema_updates_are_lost(base_folder, tmp_path):
         assert torch.equal(ema, base_ema[layer]) and not torch.equal(ema, trained_ema[layer])
 
 
+ATTENTION = {"q_proj", "k_proj", "v_proj", "o_proj"}
+DENSE = {"mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"}
+SHARED = {
+    "mlp.shared_expert.gate_proj",
+    "mlp.shared_expert.up_proj",
+    "mlp.shared_expert.down_proj",
+    "mlp.shared_expert_gate",
+}
+ROUTER, EXPERTS = {"mlp.gate.weight"}, {"mlp.experts.gate_up_proj", "mlp.experts.down_proj"}
+
+
 @pytest.mark.parametrize(
     "make_config, routing, warnings_expected",
     [
@@ -177,14 +188,11 @@ def test_peft_without_the_defaults_warns_once(make_config, routing, warnings_exp
 @pytest.mark.parametrize(
     "flags, modules, parameters",
     [
-        ({}, {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"},
-         {"mlp.gate.weight", "mlp.experts.gate_up_proj", "mlp.experts.down_proj"}),
-        ({"router": False}, None, {"mlp.experts.gate_up_proj", "mlp.experts.down_proj"}),
-        ({"experts": False, "dense_mlp": False}, {"q_proj", "k_proj", "v_proj", "o_proj"}, {"mlp.gate.weight"}),
-        ({"attention": False, "dense_mlp": False}, None, {"mlp.gate.weight", "mlp.experts.gate_up_proj",
-                                                          "mlp.experts.down_proj"}),
-        ({"router": False, "experts": False, "dropout": 0.1}, {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
-                                                               "up_proj", "down_proj"}, None),
+        ({}, ATTENTION | DENSE | SHARED, ROUTER | EXPERTS),
+        ({"router": False}, None, EXPERTS),
+        ({"experts": False, "dense_mlp": False, "shared_expert": False}, ATTENTION, ROUTER),
+        ({"attention": False, "dense_mlp": False}, SHARED, ROUTER | EXPERTS),
+        ({"router": False, "experts": False, "dropout": 0.1}, ATTENTION | DENSE | SHARED, None),
     ],
 )  # fmt: skip
 def test_lora_config_targets(flags, modules, parameters):
@@ -211,14 +219,44 @@ def test_lora_config_layers_and_model():
 
     dense = DefaultMoeForCausalLM(tiny_model(warm_ema=False, num_dense_layers=2).config)
     config = lora_config(model=dense)
-    assert not config.target_parameters and "gate_proj" in config.target_modules
+    assert not config.target_parameters and "mlp.gate_proj" in config.target_modules
+    assert not set(config.target_modules) & SHARED  # the model has no shared expert
+
+
+@pytest.mark.parametrize("layers", [None, [1, 2]], ids=["all-layers", "layers-1-2"])
+def test_lora_on_a_shared_expert_and_dense_layers_anywhere(layers):
+    """Qwen2-MoE-shaped: MoE, dense, MoE layers with a shared expert. The shared expert and its gate get their own
+    LoRA (off with shared_expert=False), the dense layer's MLP its own, and both train."""
+    base = tiny_model(warm_ema=False, num_hidden_layers=3, dense_layers=[1], shared_expert_intermediate_size=16)
+    model = get_peft_model(base, lora_config(r=2, layers=layers, model=base))
+    adapted = {
+        name.removeprefix("base_model.model.model.")
+        for name, module in model.named_modules()
+        if isinstance(module, (LoraLinear, ParamWrapper)) and "mlp" in name
+    }
+    moe = [0, 2] if layers is None else [2]
+    shared = {f"layers.{i}.mlp.shared_expert.{m}" for i in moe for m in ("gate_proj", "up_proj", "down_proj")}
+    expected = shared | {f"layers.{i}.mlp.shared_expert_gate" for i in moe} | {f"layers.{i}.mlp.gate" for i in moe}
+    expected |= {f"layers.{i}.mlp.experts" for i in moe} | {f"layers.{i}.mlp.experts.base_layer" for i in moe}
+    expected |= {f"layers.1.mlp.{m}" for m in ("gate_proj", "up_proj", "down_proj")}
+    assert adapted == expected
+    model.train()
+    model(input_ids=INPUT_IDS, labels=INPUT_IDS).loss.backward()
+    for name, parameter in model.named_parameters():
+        if "lora_B" in name and ("shared_expert" in name or "layers.1.mlp" in name):
+            assert parameter.grad is not None and parameter.grad.abs().sum() > 0, name
+    without = lora_config(shared_expert=False, model=model.get_base_model())
+    assert not set(without.target_modules) & SHARED
 
 
 @pytest.mark.parametrize(
     "kwargs, message",
     [
         ({"dropout": 0.1}, "dropout=0.1 is not supported on the router/experts"),
-        ({"attention": False, "router": False, "experts": False, "dense_mlp": False}, "nothing to adapt"),
+        (
+            {"attention": False, "router": False, "experts": False, "dense_mlp": False, "shared_expert": False},
+            "nothing to adapt",
+        ),
         ({"r": 0}, "r=0 must be a positive integer"),
         ({"layers": [5], "model": "tiny"}, "layers=[5] out of range"),
         ({"model": torch.nn.Linear(2, 2)}, "expects a Default MoE model"),

@@ -17,6 +17,28 @@ TINY = dict(
 )
 
 
+# Qwen3-MoE / Qwen2-MoE / OLMo-3 features together: per-head q/k norms, a dense layer between MoE layers, a gated
+# shared expert, sliding and full layers with a RoPE each.
+QWEN_STYLE = dict(
+    num_hidden_layers=3,
+    dense_layers=[1],
+    shared_expert_intermediate_size=16,
+    qk_norm="head",
+    head_dim=16,
+    sliding_window=4,
+    layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+    rope_parameters={
+        "full_attention": {
+            "rope_type": "yarn",
+            "rope_theta": 1e4,
+            "factor": 4.0,
+            "original_max_position_embeddings": 16,
+        },
+        "sliding_attention": {"rope_type": "default", "rope_theta": 1e3},
+    },
+)
+
+
 def tiny_config(**overrides) -> DefaultMoeConfig:
     return DefaultMoeConfig(**{**TINY, **overrides})
 

@@ -34,7 +34,8 @@ def count_parameters(config: DefaultMoeConfig) -> dict[str, int]:
     """Parameter counts of a `DefaultMoeForCausalLM` built from `config`, without building it.
 
     Returns `total`, `active` (per token: K experts per MoE layer instead of E), and the parts: `embedding`,
-    `attention`, `norms`, `router`, `experts`, `dense_mlp`, `lm_head` (0 when tied to the embedding).
+    `attention`, `norms`, `router`, `experts`, `shared_expert` (with its gate; always active), `dense_mlp`, `lm_head`
+    (0 when tied to the embedding).
     Buffers (the EMA defaults, rotary tables) are not parameters and are not counted.
     """
     hidden, heads, kv_heads, head_dim = (
@@ -47,10 +48,13 @@ def count_parameters(config: DefaultMoeConfig) -> dict[str, int]:
     attention = hidden * q_width + 2 * hidden * kv_width + q_width * hidden
     if config.attention_bias:
         attention += q_width + 2 * kv_width + hidden
-    if config.qk_norm:
+    if config.qk_norm == "projection":
         attention += q_width + kv_width
+    elif config.qk_norm == "head":
+        attention += 2 * head_dim
     num_layers = config.num_hidden_layers
-    num_moe = num_layers - config.num_dense_layers
+    num_moe = len(config.moe_layers)
+    shared = config.shared_expert_intermediate_size or 0
     experts_per_layer = config.num_experts * 3 * hidden * config.intermediate_size
     active_experts_per_layer = config.num_experts_per_tok * 3 * hidden * config.intermediate_size
     counts = {
@@ -59,7 +63,8 @@ def count_parameters(config: DefaultMoeConfig) -> dict[str, int]:
         "norms": num_layers * 2 * hidden + hidden,
         "router": num_moe * config.num_experts * hidden,
         "experts": num_moe * experts_per_layer,
-        "dense_mlp": config.num_dense_layers * 3 * hidden * config.dense_intermediate_size,
+        "shared_expert": num_moe * (3 * hidden * shared + hidden) if shared else 0,
+        "dense_mlp": len(config.dense_layers) * 3 * hidden * config.dense_intermediate_size,
         "lm_head": 0 if config.tie_word_embeddings else config.vocab_size * hidden,
     }
     counts["total"] = sum(counts.values())
@@ -97,11 +102,14 @@ def _cell(value) -> str:
 
 
 def _architecture_rows(config: DefaultMoeConfig, counts: dict[str, int]) -> list[tuple[str, object]]:
-    num_moe = config.num_hidden_layers - config.num_dense_layers
+    num_dense = len(config.dense_layers)
+    layers = f"{config.num_hidden_layers} ({num_dense} dense, {config.num_hidden_layers - num_dense} MoE)"
+    if config.dense_layers != list(range(num_dense)):  # not just the first ones: say which
+        layers += f"; dense: {', '.join(map(str, config.dense_layers))}"
     rows = [
         ("Total parameters", f"{counts['total']:,} ({human_count(counts['total'])})"),
         ("Active parameters per token", f"{counts['active']:,} ({human_count(counts['active'])})"),
-        ("Layers", f"{config.num_hidden_layers} ({config.num_dense_layers} dense, {num_moe} MoE)"),
+        ("Layers", layers),
         ("Hidden size", config.hidden_size),
         ("Attention heads (query / key-value)", f"{config.num_attention_heads} / {config.num_key_value_heads}"),
         ("Head dim", config.head_dim),
@@ -109,7 +117,14 @@ def _architecture_rows(config: DefaultMoeConfig, counts: dict[str, int]) -> list
         ("Experts per token (top-k)", config.num_experts_per_tok),
         ("Expert intermediate size", config.intermediate_size),
     ]
-    if config.num_dense_layers:
+    if config.shared_expert_intermediate_size is not None:
+        rows.append(
+            (
+                "Shared expert (every MoE layer)",
+                f"width {config.shared_expert_intermediate_size}, sigmoid-gated, always selected (no default vector)",
+            )
+        )
+    if config.dense_layers:
         rows.append(("Dense MLP intermediate size", config.dense_intermediate_size))
     rows += [
         ("Vocabulary size", config.vocab_size),
@@ -120,17 +135,37 @@ def _architecture_rows(config: DefaultMoeConfig, counts: dict[str, int]) -> list
     if config.norm_placement == "post":
         rows.append(("RMSNorm placement", "post: on attention and MLP outputs (OLMo-2 style)"))
     if config.qk_norm:
-        rows.append(("q/k RMSNorm (OLMoE style)", True))
+        rows.append(
+            (
+                "q/k RMSNorm",
+                {"projection": "over the whole projections (OLMoE style)", "head": "per head (Qwen3 style)"}[
+                    config.qk_norm
+                ],
+            )
+        )
     if config.clip_qkv is not None:
         rows.append(("clip_qkv", config.clip_qkv))
-    if config.sliding_window is not None:
-        rows.append(("Sliding window", config.sliding_window))
+    num_sliding = config.layer_types.count("sliding_attention")
+    if num_sliding:
+        where = (
+            "every layer"
+            if num_sliding == config.num_hidden_layers
+            else f"{num_sliding} of {config.num_hidden_layers} layers"
+        )
+        rows.append(("Sliding window", f"{config.sliding_window} on {where}"))
     rope = config.rope_parameters or {}
     if rope.get("rope_theta") is not None:
         rows.append(("RoPE theta", rope["rope_theta"]))
+    for kind in ("full_attention", "sliding_attention"):  # one RoPE per attention kind (OLMo-3)
+        if isinstance(rope.get(kind), dict):
+            rows.append((f"RoPE ({kind.replace('_', ' ')})", {k: v for k, v in rope[kind].items() if v is not None}))
     rows += [
         ("Parameters: embedding / attention / norms", _counts(counts, "embedding", "attention", "norms")),
         ("Parameters: router / experts / dense MLPs", _counts(counts, "router", "experts", "dense_mlp")),
+    ]
+    if counts["shared_expert"]:
+        rows.append(("Parameters: shared experts", counts["shared_expert"]))
+    rows += [
         ("Parameters: lm_head", "tied to the embedding" if config.tie_word_embeddings else counts["lm_head"]),
     ]
     return rows
@@ -320,7 +355,7 @@ def build_model_card(
     )
     counts = count_parameters(config)
     name = title or (repo_id.split("/")[-1] if repo_id else folder.resolve().name)
-    num_moe = config.num_hidden_layers - config.num_dense_layers
+    num_moe = len(config.moe_layers)
     description = (
         f"A {human_count(counts['total'])}-parameter Default MoE decoder ({human_count(counts['active'])} active per "
         f"token): {config.num_hidden_layers} layers, {num_moe} of them Mixture-of-Experts with "

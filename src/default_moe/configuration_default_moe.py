@@ -9,6 +9,8 @@ ROUTINGS = ("default", "topk")
 EMA_WEIGHTINGS = ("mean", "router_prob")
 EMA_UPDATES = ("before_use", "after_use")
 NORM_PLACEMENTS = ("pre", "post")
+QK_NORMS = (False, "projection", "head")
+LAYER_TYPES = ("full_attention", "sliding_attention")
 
 
 class DefaultMoeConfig(PreTrainedConfig):
@@ -17,17 +19,32 @@ class DefaultMoeConfig(PreTrainedConfig):
     keeps an exponential moving average (EMA) of its outputs, and the experts a token did not pick contribute that
     EMA weighted by their router probability, so the router gets a dense gradient while the experts stay sparse.
 
-    Decoder fields follow Mixtral/OLMoE. `qk_norm` is OLMoE's RMSNorm over the *whole* q and k projections (before the
-    per-head reshape); `clip_qkv` clamps q, k and v; `router_jitter_noise` is Mixtral's multiplicative input jitter in
-    training. `norm_placement` says where each sublayer's RMSNorm sits: `"pre"` normalises the attention and MLP
-    *inputs*, `x + f(norm(x))` (Llama, Mixtral, OLMoE); `"post"` normalises their *outputs* inside the residual
-    branch, `x + norm(f(x))` (OLMo-2's reordered norm, FlexOlmo). The first `num_dense_layers` layers use a dense
-    SwiGLU MLP of width `dense_intermediate_size` (default: `intermediate_size`), as the paper does for the first
-    layer.
+    Decoder fields follow Mixtral/OLMoE/Qwen. `qk_norm` normalises q and k with an RMSNorm: `"projection"` over the
+    *whole* q and k projections, before the per-head reshape (OLMoE, OLMo-2/3; `True` in configs written before
+    `"head"` existed), `"head"` over each head's head_dim after the reshape, one weight shared by all heads (Qwen3,
+    Qwen3-MoE), or `False` (none). `clip_qkv` clamps q, k and v; `router_jitter_noise` is Mixtral's multiplicative
+    input jitter in training. `norm_placement` says where each sublayer's RMSNorm sits: `"pre"` normalises the
+    attention and MLP *inputs*, `x + f(norm(x))` (Llama, Mixtral, OLMoE, Qwen); `"post"` normalises their *outputs*
+    inside the residual branch, `x + norm(f(x))` (OLMo-2's reordered norm, OLMo-3, FlexOlmo).
+
+    `layer_types` gives each layer's attention: `"full_attention"` (causal) or `"sliding_attention"` (causal within
+    the last `sliding_window` positions); default: every layer sliding if `sliding_window` is set, else every layer
+    full (OLMo-3 and Qwen2/Qwen3's `max_window_layers` mix them). `rope_parameters` is one dict for all layers, or,
+    as in OLMo-3, one per attention kind (`{"full_attention": {...}, "sliding_attention": {...}}`).
+
+    `dense_layers` lists the layers whose MLP is a dense SwiGLU of width `dense_intermediate_size` (default:
+    `intermediate_size`) instead of a MoE block (Qwen3-MoE's `mlp_only_layers` and `decoder_sparse_step`). Without
+    it, the first `num_dense_layers` layers are dense (the paper keeps the first layer dense); once set,
+    `num_dense_layers` is the number of dense layers.
 
     MoE fields: `num_experts`, `num_experts_per_tok` (K), `norm_topk_prob` (divide the K selected probabilities by
     their sum; Mixtral always does, OLMoE and the paper do not), `router_aux_loss_coef` (Switch load-balancing loss,
     per layer, averaged over layers; 1.0 when perfectly balanced), `router_z_loss_coef`, `output_router_logits`.
+    `shared_expert_intermediate_size` (default None: none) adds Qwen2-MoE's *shared expert* to every MoE layer: a dense
+    SwiGLU MLP of that width that every token goes through, scaled by a sigmoid gate, `sigmoid(x . g) * S(x)`, and
+    added to the routed output. Since it is always selected it needs no default vector: the Default MoE term covers
+    the routed experts only, `y = sum_{i in topK} w_i E_i(x) + sum_{i not in topK} p_i D_i + sigmoid(x . g) S(x)`,
+    and the EMA defaults average the routed experts' outputs alone.
 
     Default MoE fields:
         routing (`str`): `"default"` adds the EMA defaults of unselected experts; `"topk"` is the standard layer.
@@ -74,16 +91,19 @@ class DefaultMoeConfig(PreTrainedConfig):
     attention_bias: bool = False
     attention_dropout: float | int = 0.0
     sliding_window: int | None = None
+    layer_types: list[str] | None = None
     norm_placement: str = "pre"
-    qk_norm: bool = False
+    qk_norm: bool | str = False
     clip_qkv: float | None = None
     router_jitter_noise: float = 0.0
     num_dense_layers: int = 0
+    dense_layers: list[int] | None = None
     dense_intermediate_size: int | None = None
 
     num_experts: int = 8
     num_experts_per_tok: int = 2
     norm_topk_prob: bool = False
+    shared_expert_intermediate_size: int | None = None
     router_aux_loss_coef: float = 0.01
     router_z_loss_coef: float = 0.0
     output_router_logits: bool = False
@@ -119,8 +139,16 @@ class DefaultMoeConfig(PreTrainedConfig):
             self.head_dim = self.hidden_size // self.num_attention_heads
         if self.dense_intermediate_size is None:
             self.dense_intermediate_size = self.intermediate_size
+        if self.qk_norm is True:  # written before qk_norm="head" existed
+            self.qk_norm = "projection"
         self._check_fields()
         super().__post_init__(**kwargs)
+
+    @property
+    def moe_layers(self) -> list[int]:
+        """Indices of the layers with a MoE block: every layer not in `dense_layers`."""
+        dense = set(self.dense_layers)
+        return [i for i in range(self.num_hidden_layers) if i not in dense]
 
     def _check_fields(self):
         def fail(field, accepted):
@@ -166,6 +194,44 @@ class DefaultMoeConfig(PreTrainedConfig):
             fail("clip_qkv", "None or a positive number")
         if self.sliding_window is not None and self.sliding_window < 1:
             fail("sliding_window", "None or a positive integer")
+        if not (self.qk_norm is False or self.qk_norm in QK_NORMS[1:]):
+            fail("qk_norm", f"one of {QK_NORMS}")
+        shared = self.shared_expert_intermediate_size
+        if shared is not None and (not isinstance(shared, int) or isinstance(shared, bool) or shared < 1):
+            fail("shared_expert_intermediate_size", "None or a positive integer")
+
+        # The per-layer lists: checked, or filled in from their shorthands (num_dense_layers, sliding_window).
+        num_layers = self.num_hidden_layers
+        if self.dense_layers is None:
+            self.dense_layers = list(range(self.num_dense_layers))
+        else:
+            layers = self.dense_layers
+            if not isinstance(layers, (list, tuple)) or not all(
+                isinstance(i, int) and not isinstance(i, bool) and 0 <= i < num_layers for i in layers
+            ):
+                fail("dense_layers", f"a list of layer indices in [0, num_hidden_layers={num_layers})")
+            if len(set(layers)) != len(layers):
+                fail("dense_layers", "distinct layer indices")
+            if self.num_dense_layers not in (0, len(layers)):
+                fail("num_dense_layers", f"0 or len(dense_layers)={len(layers)} (dense_layers says which layers)")
+            self.dense_layers = sorted(layers)
+            self.num_dense_layers = len(layers)
+
+        if self.layer_types is None:
+            kind = "full_attention" if self.sliding_window is None else "sliding_attention"
+            self.layer_types = [kind] * num_layers
+        elif not isinstance(self.layer_types, (list, tuple)) or len(self.layer_types) != num_layers:
+            fail("layer_types", f"a list of num_hidden_layers={num_layers} attention kinds from {LAYER_TYPES}")
+        elif any(kind not in LAYER_TYPES for kind in self.layer_types):
+            fail("layer_types", f"attention kinds from {LAYER_TYPES}")
+        self.layer_types = list(self.layer_types)
+        if "sliding_attention" in self.layer_types and self.sliding_window is None:
+            fail("sliding_window", "a positive integer: layer_types has sliding layers")
+
+        rope = self.rope_parameters or {}
+        nested = [key for key in rope if key in LAYER_TYPES]
+        if nested and not set(self.layer_types) <= set(nested):
+            fail("rope_parameters", f"one entry per attention kind in layer_types ({sorted(set(self.layer_types))})")
 
 
 __all__ = ["DefaultMoeConfig"]

@@ -14,6 +14,7 @@ Shape legend: B batch, S sequence, T = B*S tokens, H hidden, E experts, K expert
 N = T*K (token, expert) pairs. Suffixes name the shapes, e.g. `probs_TE`.
 """
 
+import copy
 import inspect
 import warnings
 from collections.abc import Callable
@@ -75,8 +76,15 @@ class DefaultMoeRMSNorm(nn.Module):
 
 
 class DefaultMoeRotaryEmbedding(nn.Module):
-    def __init__(self, config: DefaultMoeConfig):
+    """RoPE cos/sin. With `layer_type`, the RoPE of that attention kind when `rope_parameters` has one per kind
+    (OLMo-3): `self.config` is then a view of the config holding that entry alone, so that transformers' RoPE functions
+    (and its re-initialisation of `inv_freq`) read it as the only one."""
+
+    def __init__(self, config: DefaultMoeConfig, layer_type: str | None = None):
         super().__init__()
+        if layer_type is not None:
+            config = copy.copy(config)
+            config.rope_parameters = config.rope_parameters[layer_type]
         self.config = config
         self.max_seq_len_cached = config.max_position_embeddings
         self.original_max_seq_len = config.max_position_embeddings
@@ -138,7 +146,8 @@ def eager_attention_forward(module, query, key, value, attention_mask, scaling, 
 
 
 class DefaultMoeAttention(nn.Module):
-    """Grouped-query attention with RoPE; optional OLMoE-style q/k RMSNorm over the whole projection and clip_qkv."""
+    """Grouped-query attention with RoPE, full or sliding-window (`config.layer_types[layer_idx]`); optional q/k RMSNorm
+    over the whole projection (OLMoE) or per head (Qwen3), and clip_qkv."""
 
     def __init__(self, config: DefaultMoeConfig, layer_idx: int):
         super().__init__()
@@ -155,9 +164,11 @@ class DefaultMoeAttention(nn.Module):
         self.k_proj = nn.Linear(config.hidden_size, kv_width, bias=config.attention_bias)
         self.v_proj = nn.Linear(config.hidden_size, kv_width, bias=config.attention_bias)
         self.o_proj = nn.Linear(q_width, config.hidden_size, bias=config.attention_bias)
-        if config.qk_norm:
-            self.q_norm = DefaultMoeRMSNorm(q_width, eps=config.rms_norm_eps)
-            self.k_norm = DefaultMoeRMSNorm(kv_width, eps=config.rms_norm_eps)
+        if config.qk_norm:  # "projection": over the whole q/k projection; "head": over head_dim, shared by the heads
+            per_head = config.qk_norm == "head"
+            self.q_norm = DefaultMoeRMSNorm(self.head_dim if per_head else q_width, eps=config.rms_norm_eps)
+            self.k_norm = DefaultMoeRMSNorm(self.head_dim if per_head else kv_width, eps=config.rms_norm_eps)
+        self.sliding_window = config.sliding_window if config.layer_types[layer_idx] == "sliding_attention" else None
 
     def forward(self, hidden_states, position_embeddings, attention_mask, cache=None, **kwargs):
         input_shape = hidden_states.shape[:-1]
@@ -166,7 +177,7 @@ class DefaultMoeAttention(nn.Module):
         query_states = self.q_proj(hidden_states)
         key_states = self.k_proj(hidden_states)
         value_states = self.v_proj(hidden_states)
-        if self.config.qk_norm:
+        if self.config.qk_norm == "projection":
             query_states = self.q_norm(query_states)
             key_states = self.k_norm(key_states)
         if self.config.clip_qkv is not None:
@@ -175,8 +186,13 @@ class DefaultMoeAttention(nn.Module):
             key_states = key_states.clamp(-clip, clip)
             value_states = value_states.clamp(-clip, clip)
 
-        query_states = query_states.view(hidden_shape).transpose(1, 2)
-        key_states = key_states.view(hidden_shape).transpose(1, 2)
+        query_states = query_states.view(hidden_shape)
+        key_states = key_states.view(hidden_shape)
+        if self.config.qk_norm == "head":
+            query_states = self.q_norm(query_states)
+            key_states = self.k_norm(key_states)
+        query_states = query_states.transpose(1, 2)
+        key_states = key_states.transpose(1, 2)
         value_states = value_states.view(hidden_shape).transpose(1, 2)
         cos, sin = position_embeddings
         query_states, key_states = apply_rotary_pos_emb(query_states, key_states, cos, sin)
@@ -195,7 +211,7 @@ class DefaultMoeAttention(nn.Module):
             attention_mask,
             dropout=0.0 if not self.training else self.attention_dropout,
             scaling=self.scaling,
-            sliding_window=self.config.sliding_window,
+            sliding_window=self.sliding_window,
             **kwargs,
         )
         attn_output = self.o_proj(attn_output.reshape(*input_shape, -1).contiguous())
@@ -203,11 +219,11 @@ class DefaultMoeAttention(nn.Module):
 
 
 class DefaultMoeMLP(nn.Module):
-    """Dense SwiGLU MLP, used by the first `config.num_dense_layers` layers."""
+    """Dense SwiGLU MLP: the MLP of the layers in `config.dense_layers`, and the shared expert (of its own `width`)."""
 
-    def __init__(self, config: DefaultMoeConfig):
+    def __init__(self, config: DefaultMoeConfig, width: int | None = None):
         super().__init__()
-        width = config.dense_intermediate_size
+        width = config.dense_intermediate_size if width is None else width
         self.gate_proj = nn.Linear(config.hidden_size, width, bias=False)
         self.up_proj = nn.Linear(config.hidden_size, width, bias=False)
         self.down_proj = nn.Linear(width, config.hidden_size, bias=False)
@@ -356,7 +372,9 @@ class DefaultMoeDefaults(nn.Module):
 
 
 class DefaultMoeSparseMoeBlock(nn.Module):
-    """Top-K MoE with EMA default vectors for the unselected experts (DESIGN §2)."""
+    """Top-K MoE with EMA default vectors for the unselected experts (DESIGN §2), and optionally Qwen2-MoE's gated
+    shared expert, which every token goes through: it is always selected, so it has no default vector and stays
+    out of the EMA statistics."""
 
     def __init__(self, config: DefaultMoeConfig):
         super().__init__()
@@ -366,6 +384,10 @@ class DefaultMoeSparseMoeBlock(nn.Module):
         self.gate = DefaultMoeTopKRouter(config)
         self.experts = DefaultMoeExperts(config)
         self.default_outputs = DefaultMoeDefaults(config.num_experts, config.hidden_size)
+        self.shared_expert = None
+        if config.shared_expert_intermediate_size is not None:
+            self.shared_expert = DefaultMoeMLP(config, config.shared_expert_intermediate_size)
+            self.shared_expert_gate = nn.Linear(config.hidden_size, 1, bias=False)
 
     def forward(self, hidden_states: torch.Tensor, token_mask: torch.Tensor | None = None, return_router_losses=False):
         """(B, S, H) -> (B, S, H). `token_mask` (B*S,) bool excludes padding from the EMA and the router losses.
@@ -403,6 +425,9 @@ class DefaultMoeSparseMoeBlock(nn.Module):
             unselected_probs_TE = probs_TE.scatter(1, top_k_index_TK, 0.0)
             out_TH = out_TH + unselected_probs_TE @ defaults_EH
         out_BSH = out_TH.to(hidden_states.dtype).view(batch_size, seq_len, hidden_size)
+        if self.shared_expert is not None:  # + sigmoid(x . g) S(x), added to the routed (+ default) output
+            shared_TH = F.sigmoid(self.shared_expert_gate(x_TH)) * self.shared_expert(x_TH)
+            out_BSH = out_BSH + shared_TH.view(batch_size, seq_len, hidden_size)
         if not return_router_losses:
             return out_BSH
         return out_BSH, self._router_losses(router_logits_TE, probs_TE, counts_E, token_mask)
@@ -526,7 +551,7 @@ class DefaultMoeDecoderLayer(GradientCheckpointingLayer):
     def __init__(self, config: DefaultMoeConfig, layer_idx: int):
         super().__init__()
         self.self_attn = DefaultMoeAttention(config, layer_idx)
-        self.is_moe = layer_idx >= config.num_dense_layers
+        self.is_moe = layer_idx not in config.dense_layers
         self.mlp = DefaultMoeSparseMoeBlock(config) if self.is_moe else DefaultMoeMLP(config)
         # The norms keep the names of the models each placement comes from, so checkpoints map one to one:
         # pre (Llama): input_layernorm before attention, post_attention_layernorm before the MLP;
@@ -648,7 +673,11 @@ class DefaultMoeModel(DefaultMoePreTrainedModel):
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, self.padding_idx)
         self.layers = nn.ModuleList([DefaultMoeDecoderLayer(config, i) for i in range(config.num_hidden_layers)])
         self.norm = DefaultMoeRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
-        self.rotary_emb = DefaultMoeRotaryEmbedding(config)
+        rope_kinds = [kind for kind in dict.fromkeys(config.layer_types) if kind in (config.rope_parameters or {})]
+        if rope_kinds:  # one RoPE per attention kind (OLMo-3)
+            self.rotary_emb = nn.ModuleDict({kind: DefaultMoeRotaryEmbedding(config, kind) for kind in rope_kinds})
+        else:
+            self.rotary_emb = DefaultMoeRotaryEmbedding(config)
         self.gradient_checkpointing = False
         self.post_init()
 
@@ -677,30 +706,41 @@ class DefaultMoeModel(DefaultMoePreTrainedModel):
             position_ids = torch.arange(inputs_embeds.shape[1], device=inputs_embeds.device) + past_seen_tokens
             position_ids = position_ids.unsqueeze(0)
 
-        mask_function = create_causal_mask if self.config.sliding_window is None else create_sliding_window_causal_mask
-        causal_mask = mask_function(
-            config=self.config,
-            inputs_embeds=inputs_embeds,
-            attention_mask=attention_mask,
-            position_ids=position_ids,
-            **{_MASK_CACHE_NAME: cache},
-        )
+        # One mask per attention kind in use (`config.layer_types`), shared by every layer of that kind; generate()
+        # with a static cache passes them ready-made, as such a dict.
+        mask_functions = {"full_attention": create_causal_mask, "sliding_attention": create_sliding_window_causal_mask}
+        masks = attention_mask
+        if not isinstance(masks, dict):
+            masks = {
+                kind: mask_functions[kind](
+                    config=self.config,
+                    inputs_embeds=inputs_embeds,
+                    attention_mask=attention_mask,
+                    position_ids=position_ids,
+                    **{_MASK_CACHE_NAME: cache},
+                )
+                for kind in dict.fromkeys(self.config.layer_types)
+            }
         # Padding tokens (2-D attention mask, last S columns) stay out of the EMA and the router losses.
         token_mask = None
-        if attention_mask is not None and attention_mask.dim() == 2:
+        if isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 2:
             token_mask = attention_mask[:, -inputs_embeds.shape[1] :].reshape(-1).bool()
 
         hidden_states = inputs_embeds
-        position_embeddings = self.rotary_emb(hidden_states, position_ids=position_ids)
+        if isinstance(self.rotary_emb, nn.ModuleDict):
+            position_embeddings = {kind: rope(hidden_states, position_ids) for kind, rope in self.rotary_emb.items()}
+        else:
+            position_embeddings = dict.fromkeys(masks, self.rotary_emb(hidden_states, position_ids=position_ids))
         layer_losses = []
-        for decoder_layer in self.layers[: self.config.num_hidden_layers]:
+        for i, decoder_layer in enumerate(self.layers[: self.config.num_hidden_layers]):
+            kind = self.config.layer_types[i]
             hidden_states, router_losses = decoder_layer(
                 hidden_states,
-                attention_mask=causal_mask,
+                attention_mask=masks[kind],
                 position_ids=position_ids,
                 cache=cache,
                 use_cache=use_cache,
-                position_embeddings=position_embeddings,
+                position_embeddings=position_embeddings[kind],
                 token_mask=token_mask,
                 **kwargs,
             )

@@ -14,15 +14,25 @@ Three things differ from LoRA on a Llama-style model (DESIGN.md §3):
   reads and updates to the active copy, and save and load it with the adapter (`...mlp.default_outputs.ema` in
   `adapter_model.safetensors`).
   `merge_and_unload()` puts that copy back in the model.
-- Attention projections and the dense MLPs of the first `num_dense_layers` layers are ordinary `nn.Linear` modules.
+- Attention projections, the dense MLPs of the layers in `dense_layers` (anywhere in the stack) and a shared expert
+  with its gate (Qwen2-MoE: `mlp.shared_expert.{gate,up,down}_proj`, `mlp.shared_expert_gate`) are ordinary
+  `nn.Linear` modules. The targets name the module's parent (`mlp.gate_proj`, `mlp.shared_expert.gate_proj`) so that a
+  dense MLP and a shared expert, whose projections share their names, are chosen separately.
 """
 
+import re
 from collections.abc import Iterable
 
 from peft import LoraConfig
 
 ATTENTION_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj")
-DENSE_MLP_MODULES = ("gate_proj", "up_proj", "down_proj")
+DENSE_MLP_MODULES = ("mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+SHARED_EXPERT_MODULES = (
+    "mlp.shared_expert.gate_proj",
+    "mlp.shared_expert.up_proj",
+    "mlp.shared_expert.down_proj",
+    "mlp.shared_expert_gate",
+)
 ROUTER_PARAMETERS = ("mlp.gate.weight",)
 EXPERT_PARAMETERS = ("mlp.experts.gate_up_proj", "mlp.experts.down_proj")
 DEFAULTS_MODULE = "default_outputs"
@@ -37,6 +47,7 @@ def lora_config(
     router: bool = True,
     experts: bool = True,
     dense_mlp: bool = True,
+    shared_expert: bool = True,
     keep_defaults: bool = True,
     layers: Iterable[int] | None = None,
     model=None,
@@ -51,12 +62,14 @@ def lora_config(
         router: adapt the router weight `mlp.gate.weight` (E, H).
         experts: adapt the fused experts `mlp.experts.gate_up_proj` and `mlp.experts.down_proj` (rank r per expert).
         dense_mlp: adapt the dense layers' `mlp.{gate,up,down}_proj`, if the model has dense layers.
+        shared_expert: adapt the shared expert `mlp.shared_expert.{gate,up,down}_proj` and its gate
+            `mlp.shared_expert_gate`, if the model has one.
         keep_defaults: put `default_outputs` in `modules_to_save`, so the EMA defaults that training updates are
             saved with (and restored from) the adapter. Turn off only for `routing="topk"` models or frozen-EMA runs.
         layers: only adapt these decoder layers (indices); the EMA defaults of all layers are kept regardless,
             since every training forward updates them.
         model: the model to be adapted; when given, targets it does not have (e.g. router/experts in an all-dense
-            model) are dropped and layer indices are checked.
+            model, a shared expert in a model without one) are dropped and layer indices are checked.
         lora_kwargs: passed to `LoraConfig` (e.g. `use_rslora=True`, `init_lora_weights="gaussian"`).
     """
     if r < 1:
@@ -72,20 +85,24 @@ def lora_config(
         config = getattr(model, "config", None)
         if getattr(config, "model_type", None) != "default_moe":
             raise ValueError(f"lora_config(model=...) expects a Default MoE model, got {type(model).__name__}")
-        num_layers, num_dense = config.num_hidden_layers, config.num_dense_layers
+        num_layers, dense = config.num_hidden_layers, set(config.dense_layers)
         if layers is not None and any(not 0 <= i < num_layers for i in layers):
             raise ValueError(f"layers={layers} out of range for a model with {num_layers} layers")
         chosen = range(num_layers) if layers is None else layers
         if layers is not None:
-            moe_layers = [i for i in layers if i >= num_dense]
-        router = router and any(i >= num_dense for i in chosen)
-        experts = experts and any(i >= num_dense for i in chosen)
-        dense_mlp = dense_mlp and any(i < num_dense for i in chosen)
+            moe_layers = [i for i in layers if i not in dense]
+        any_moe = any(i not in dense for i in chosen)
+        router, experts = router and any_moe, experts and any_moe
+        shared_expert = shared_expert and any_moe and config.shared_expert_intermediate_size is not None
+        dense_mlp = dense_mlp and any(i in dense for i in chosen)
 
     module_names = (ATTENTION_MODULES if attention else ()) + (DENSE_MLP_MODULES if dense_mlp else ())
+    module_names += SHARED_EXPERT_MODULES if shared_expert else ()
     parameter_names = (ROUTER_PARAMETERS if router else ()) + (EXPERT_PARAMETERS if experts else ())
     if not module_names and not parameter_names:
-        raise ValueError("lora_config: nothing to adapt (attention, router, experts and dense_mlp are all off)")
+        raise ValueError(
+            "lora_config: nothing to adapt (attention, router, experts, dense_mlp and shared_expert are all off)"
+        )
 
     if layers is None:
         target_modules = list(module_names) or None
@@ -93,8 +110,8 @@ def lora_config(
     else:
         # A regex string is matched by PEFT against the full module name.
         layer_group = "|".join(str(i) for i in layers)
-        alternatives = [f"self_attn\\.{m}" for m in ATTENTION_MODULES if m in module_names]
-        alternatives += [f"mlp\\.{m}" for m in DENSE_MLP_MODULES if m in module_names]
+        alternatives = [re.escape(f"self_attn.{m}") for m in ATTENTION_MODULES if m in module_names]
+        alternatives += [re.escape(m) for m in DENSE_MLP_MODULES + SHARED_EXPERT_MODULES if m in module_names]
         target_modules = f".*layers\\.({layer_group})\\.({'|'.join(alternatives)})" if alternatives else None
         target_parameters = [f"model.layers.{i}.{p}" for i in moe_layers for p in parameter_names] or None
 

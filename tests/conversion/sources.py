@@ -95,6 +95,61 @@ MOE_SOURCES = {
         "bf16",
         None,
     ),
+    # Qwen3-MoE: q/k norms per head (head_dim 16, not hidden/heads = 8), a dense layer in the middle.
+    "qwen3_moe-original-sharded-fp32-dense-middle": (
+        "qwen3_moe",
+        dict(
+            num_hidden_layers=3,
+            num_experts=4,
+            num_experts_per_tok=2,
+            head_dim=16,
+            norm_topk_prob=True,
+            mlp_only_layers=[1],
+            router_aux_loss_coef=0.002,
+        ),
+        "original",
+        "fp32",
+        "8KB",
+    ),
+    # decoder_sparse_step=2: layer 0 dense, layer 1 MoE; every layer slides.
+    "qwen3_moe-fused-bf16-tied-bias-sliding-step2": (
+        "qwen3_moe",
+        dict(
+            num_experts=4,
+            num_experts_per_tok=3,
+            decoder_sparse_step=2,
+            tie_word_embeddings=True,
+            attention_bias=True,
+            use_sliding_window=True,
+            sliding_window=4,
+        ),
+        "fused",
+        "bf16",
+        None,
+    ),
+    # Qwen2-MoE: a shared expert with its sigmoid gate, q/k/v biases, sliding attention on layer 0 only.
+    "qwen2_moe-original-sharded-fp32-sliding-layer0": (
+        "qwen2_moe",
+        dict(num_experts=4, num_experts_per_tok=2, use_sliding_window=True, sliding_window=4, max_window_layers=1),
+        "original",
+        "fp32",
+        "8KB",
+    ),
+    "qwen2_moe-fused-bf16-tied-renorm-nobias-dense0": (
+        "qwen2_moe",
+        dict(
+            num_hidden_layers=3,
+            num_experts=4,
+            num_experts_per_tok=2,
+            norm_topk_prob=True,
+            qkv_bias=False,
+            mlp_only_layers=[0],
+            tie_word_embeddings=True,
+        ),
+        "fused",
+        "bf16",
+        "20KB",
+    ),
 }
 
 DENSE_SOURCES = {
@@ -109,6 +164,43 @@ DENSE_SOURCES = {
     "qwen2-tied-fp32": ("qwen2", dict(tie_word_embeddings=True), "fp32", "8KB"),
     "olmo2-sharded-bias-fp32": ("olmo2", dict(attention_bias=True), "fp32", "8KB"),
     "olmo2-tied-bf16": ("olmo2", dict(tie_word_embeddings=True, intermediate_size=48), "bf16", None),
+    # Qwen2/Qwen3 slide from max_window_layers on: layer 0 full, layer 1 sliding.
+    "qwen2-sliding-upper-fp32": (
+        "qwen2",
+        dict(use_sliding_window=True, sliding_window=4, max_window_layers=1),
+        "fp32",
+        None,
+    ),
+    "qwen3-sharded-fp32-sliding-upper": (
+        "qwen3",
+        dict(use_sliding_window=True, sliding_window=4, max_window_layers=1, head_dim=16),
+        "fp32",
+        "8KB",
+    ),
+    "qwen3-tied-bias-bf16": (
+        "qwen3",
+        dict(tie_word_embeddings=True, attention_bias=True, intermediate_size=48),
+        "bf16",
+        None,
+    ),
+    # OLMo-3: OLMo-2 with sliding and full layers, and RoPE per attention kind (here YaRN on the full layers only).
+    "olmo3-sharded-bias-fp32-yarn": (
+        "olmo3",
+        dict(
+            attention_bias=True,
+            sliding_window=4,
+            layer_types=["sliding_attention", "full_attention"],
+            rope_scaling={"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 16},
+        ),
+        "fp32",
+        "8KB",
+    ),
+    "olmo3-tied-bf16": (
+        "olmo3",
+        dict(tie_word_embeddings=True, sliding_window=4, layer_types=["full_attention", "sliding_attention"]),
+        "bf16",
+        None,
+    ),
 }
 
 CLASSES = {
@@ -119,7 +211,14 @@ CLASSES = {
     "mistral": (transformers.MistralConfig, transformers.MistralForCausalLM),
     "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM),
     "olmo2": (transformers.Olmo2Config, transformers.Olmo2ForCausalLM),
+    "qwen3_moe": (transformers.Qwen3MoeConfig, transformers.Qwen3MoeForCausalLM),
+    "qwen2_moe": (transformers.Qwen2MoeConfig, transformers.Qwen2MoeForCausalLM),
+    "qwen3": (transformers.Qwen3Config, transformers.Qwen3ForCausalLM),
+    "olmo3": (transformers.Olmo3Config, transformers.Olmo3ForCausalLM),
 }
+DENSE_TYPES = ("llama", "mistral", "qwen2", "qwen3", "olmo2", "olmo3")
+# Qwen-MoE sizes: experts of width moe_intermediate_size, dense layers (and Qwen2-MoE's shared expert) wider.
+QWEN_MOE_WIDTHS = dict(moe_intermediate_size=16, intermediate_size=24, shared_expert_intermediate_size=20)
 
 
 def build_model(model_type: str, seed: int, **kwargs):
@@ -127,7 +226,7 @@ def build_model(model_type: str, seed: int, **kwargs):
     fields = dict(
         vocab_size=VOCAB,
         hidden_size=HIDDEN,
-        intermediate_size=32 if model_type in ("llama", "mistral", "qwen2", "olmo2") else 16,
+        intermediate_size=32 if model_type in DENSE_TYPES else 16,
         num_hidden_layers=2,
         num_attention_heads=4,
         num_key_value_heads=2,
@@ -136,6 +235,10 @@ def build_model(model_type: str, seed: int, **kwargs):
         bos_token_id=1,
         eos_token_id=2,
     )
+    if model_type == "qwen3_moe":
+        fields |= {k: v for k, v in QWEN_MOE_WIDTHS.items() if k != "shared_expert_intermediate_size"}
+    elif model_type == "qwen2_moe":
+        fields |= QWEN_MOE_WIDTHS
     config = config_class(**(fields | kwargs))
     torch.manual_seed(seed)
     model = model_class(config).eval()

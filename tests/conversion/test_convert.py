@@ -1,16 +1,19 @@
-"""Mixtral/OLMoE/FlexOlmo -> Default MoE -> Mixtral/OLMoE/FlexOlmo against transformers' own models."""
+"""MoE checkpoints (Mixtral, OLMoE, FlexOlmo, Qwen3-MoE, Qwen2-MoE) -> Default MoE -> back, against transformers'
+own models."""
 
 import json
+import shutil
 
 import pytest
 import torch
 from safetensors.torch import load_file
-from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
 from conversion.sources import MOE_SOURCES, folder_digest, random_inputs
 from default_moe import DefaultMoeConfig, DefaultMoeForCausalLM
 from default_moe.conversion import convert, export
-from default_moe.conversion.io import CheckpointReader
+from default_moe.conversion.api import MOE_MODELS
+from default_moe.conversion.io import CheckpointReader, ConversionError, patch_tensor
 
 
 def load_all(folder) -> dict[str, torch.Tensor]:
@@ -90,6 +93,16 @@ def test_output_folder(converted, name):
     for layer in range(cfg.num_hidden_layers):
         prefix = f"model.layers.{layer}.mlp"
         experts, hidden, width = cfg.num_experts, cfg.hidden_size, cfg.intermediate_size
+        if layer in cfg.dense_layers:
+            assert tensors[f"{prefix}.up_proj.weight"].shape == (cfg.dense_intermediate_size, hidden)
+            assert not [k for k in tensors if k.startswith(f"{prefix}.experts") or k.startswith(f"{prefix}.gate.")]
+            continue
+        if cfg.shared_expert_intermediate_size is not None:
+            assert tensors[f"{prefix}.shared_expert.up_proj.weight"].shape == (
+                cfg.shared_expert_intermediate_size,
+                hidden,
+            )
+            assert tensors[f"{prefix}.shared_expert_gate.weight"].shape == (1, hidden)
         assert tensors[f"{prefix}.experts.gate_up_proj"].shape == (experts, 2 * width, hidden)
         assert tensors[f"{prefix}.experts.down_proj"].shape == (experts, hidden, width)
         ema = tensors[f"{prefix}.default_outputs.ema"]
@@ -109,20 +122,71 @@ def test_output_folder(converted, name):
 @pytest.mark.parametrize("name", list(MOE_SOURCES))
 def test_config_mapping(converted, name):
     source, dst, _ = converted[name]
-    src = json.loads((source.folder / "config.json").read_text())
+    src = AutoConfig.from_pretrained(source.folder)
     cfg = DefaultMoeConfig.from_pretrained(dst)
-    top_k = src["num_experts_per_tok"]
-    assert cfg.router_aux_loss_coef == pytest.approx(src["router_aux_loss_coef"] * top_k)
-    assert cfg.num_experts == src.get("num_local_experts", src.get("num_experts"))
-    assert cfg.tie_word_embeddings == src["tie_word_embeddings"]
+    reference = source.load_reference()
+    top_k = src.num_experts_per_tok
+    assert cfg.router_aux_loss_coef == pytest.approx(src.router_aux_loss_coef * top_k)
+    assert cfg.num_experts == (src.num_local_experts if source.model_type == "mixtral" else src.num_experts)
+    assert cfg.tie_word_embeddings == src.tie_word_embeddings
+    assert cfg.head_dim == reference.model.layers[0].self_attn.head_dim
     assert cfg.norm_placement == ("post" if source.model_type == "flex_olmo" else "pre")
-    if source.model_type == "mixtral":
-        assert cfg.norm_topk_prob and not cfg.qk_norm
-        assert cfg.sliding_window == src["sliding_window"]
-        assert cfg.router_jitter_noise == src["router_jitter_noise"]
-    else:
-        assert cfg.qk_norm and cfg.norm_topk_prob == src["norm_topk_prob"]
-        assert cfg.clip_qkv == src.get("clip_qkv") and cfg.attention_bias == src["attention_bias"]
+    # Dense layers where transformers' model has a dense MLP, of its width; the experts' width.
+    assert cfg.dense_layers == [i for i, layer in enumerate(reference.model.layers) if not hasattr(layer.mlp, "gate")]
+    moe = next(layer.mlp for layer in reference.model.layers if hasattr(layer.mlp, "gate"))
+    assert cfg.intermediate_size == moe.experts.down_proj.shape[-1]
+    if cfg.dense_layers:
+        assert cfg.dense_intermediate_size == reference.model.layers[cfg.dense_layers[0]].mlp.up_proj.out_features
+    # Attention kind per layer: transformers' own list where the config has one, else one window for all layers.
+    window = getattr(src, "sliding_window", None) or None
+    kinds = getattr(src, "layer_types", None) or ["sliding_attention" if window else "full_attention"] * len(
+        reference.model.layers
+    )
+    assert cfg.layer_types == kinds and (cfg.sliding_window == window or "sliding_attention" not in kinds)
+    field = src.to_dict().get  # the source's value, None where its config has no such field
+    expected = {
+        "mixtral": dict(norm_topk_prob=True, qk_norm=False, router_jitter_noise=field("router_jitter_noise")),
+        "olmoe": dict(qk_norm="projection", clip_qkv=field("clip_qkv"), attention_bias=field("attention_bias")),
+        "flex_olmo": dict(qk_norm="projection", clip_qkv=None, attention_bias=field("attention_bias")),
+        "qwen3_moe": dict(qk_norm="head", attention_bias=field("attention_bias"), shared_expert_intermediate_size=None),
+        "qwen2_moe": dict(
+            qk_norm=False,
+            attention_bias=field("qkv_bias"),  # o_proj's bias is written as zeros
+            shared_expert_intermediate_size=field("shared_expert_intermediate_size"),
+        ),
+    }[source.model_type]
+    expected.setdefault("norm_topk_prob", field("norm_topk_prob"))
+    assert {key: getattr(cfg, key) for key in expected} == expected
+
+
+@pytest.mark.parametrize("name", list(MOE_SOURCES))
+def test_a_training_step_matches_transformers(converted, name, tmp_path):
+    """The router loss coefficient is mapped so that training starts as the source would: the same loss (LM +
+    coefficient x load balancing) and the same gradient for every parameter, the router's included.
+
+    On the models cut after their first MoE layer: with several MoE layers, transformers' loss pools the routing
+    statistics of all layers before multiplying them, while ours is the mean of the per-layer losses (computed layer
+    by layer, never concatenating the logits), so the two differ by more than the coefficient. ("after_use": the first
+    training forward uses the zero defaults, i.e. is the top-K layer; router jitter off in both.)"""
+    source, dst, _ = converted[name]
+    cfg = DefaultMoeConfig.from_pretrained(dst)
+    cut = dict(num_hidden_layers=cfg.moe_layers[0] + 1, dtype=torch.float32)
+    reference = source.model_class.from_pretrained(source.folder, output_router_logits=True, **cut)
+    ours = DefaultMoeForCausalLM.from_pretrained(dst, default_ema_update="after_use", router_jitter_noise=0.0, **cut)
+    for module in reference.modules():
+        if hasattr(module, "jitter_noise"):
+            module.jitter_noise = 0.0
+    input_ids = random_inputs(4)
+    expected = reference.train()(input_ids, labels=input_ids).loss
+    actual = ours.train()(input_ids, labels=input_ids)
+    assert actual.aux_loss > 1.0  # a real load-balancing term (1.0 would be perfectly balanced)
+    torch.testing.assert_close(actual.loss, expected, atol=1e-6, rtol=1e-6)
+    expected.backward()
+    actual.loss.backward()
+    ours_grads = {name: p.grad for name, p in ours.named_parameters()}
+    for param_name, param in reference.named_parameters():
+        assert param.grad is not None and param.grad.abs().sum() > 0, param_name
+        torch.testing.assert_close(ours_grads[param_name], param.grad, atol=1e-6, rtol=1e-5, msg=param_name)
 
 
 @pytest.mark.parametrize("name", list(MOE_SOURCES))
@@ -202,4 +266,59 @@ def test_routing_options_are_written(converted, tmp_path):
 def test_export_refuses_what_the_target_cannot_express(converted, tmp_path, name, to, message):
     with pytest.raises(ValueError, match=message):
         export(converted[name][1], tmp_path / "out", to=to)
+    assert not (tmp_path / "out").exists()
+
+
+QWEN = dict(qk_norm="head", num_hidden_layers=2, hidden_size=32, num_attention_heads=4)
+
+
+@pytest.mark.parametrize(
+    ("to", "fields", "message"),
+    [
+        ("mixtral", dict(norm_topk_prob=True, shared_expert_intermediate_size=8), "Mixtral has no shared expert"),
+        ("olmoe", dict(qk_norm="projection", shared_expert_intermediate_size=8), "OLMoE has no shared expert"),
+        ("qwen3_moe", QWEN | dict(shared_expert_intermediate_size=8), "Qwen3-MoE has no shared expert"),
+        ("qwen2_moe", dict(), "Qwen2-MoE always has a shared expert"),
+        ("qwen2_moe", dict(qk_norm="head", shared_expert_intermediate_size=8), "Qwen2-MoE has no q/k norm"),
+        ("olmoe", dict(qk_norm="head"), r"whole projections \(qk_norm='head' here\)"),
+        ("qwen3_moe", QWEN | dict(qk_norm="projection"), r"per head \(qk_norm='projection' here\)"),
+        ("qwen3_moe", QWEN | dict(clip_qkv=1.0), "Qwen3-MoE has no clip_qkv"),
+        ("qwen3_moe", QWEN | dict(norm_placement="post"), "normalises attention and MLP inputs"),
+        (
+            "qwen3_moe",
+            QWEN | dict(sliding_window=4, layer_types=["full_attention", "sliding_attention"]),
+            r"attends alike on every layer \(layer_types mixes \['full_attention', 'sliding_attention'\]",
+        ),
+        (
+            "mixtral",
+            dict(norm_topk_prob=True, sliding_window=4, layer_types=["sliding_attention", "full_attention"]),
+            "Mixtral attends alike on every layer",
+        ),
+        ("olmoe", dict(qk_norm="projection", sliding_window=4), "OLMoE has no sliding window"),
+        (
+            "qwen3_moe",
+            QWEN
+            | dict(
+                sliding_window=4,
+                layer_types=["full_attention", "full_attention"],
+                rope_parameters={"full_attention": {"rope_type": "default", "rope_theta": 1e4}},
+            ),
+            "Qwen3-MoE has one RoPE for all layers",
+        ),
+    ],
+)
+def test_export_checks_every_field_the_target_lacks(to, fields, message):
+    base = dict(num_hidden_layers=2, hidden_size=32, num_attention_heads=4, num_experts=4)
+    with pytest.raises(ConversionError, match=f"cannot export to .*{message}"):
+        MOE_MODELS[to].export_config(DefaultMoeConfig(**(base | fields)))
+
+
+def test_qwen2_moe_export_refuses_a_trained_o_proj_bias(converted, tmp_path):
+    """Qwen2-MoE's o_proj has no bias: the zeros conversion wrote are dropped, a bias that training moved is not."""
+    folder = tmp_path / "moe"
+    shutil.copytree(converted["qwen2_moe-original-sharded-fp32-sliding-layer0"][1], folder)
+    name = "model.layers.1.self_attn.o_proj.bias"
+    patch_tensor(folder, name, torch.full((32,), 0.5))
+    with pytest.raises(ConversionError, match=f"cannot export to Qwen2-MoE: {name} is non-zero"):
+        export(folder, tmp_path / "out", to="qwen2_moe")
     assert not (tmp_path / "out").exists()

@@ -13,6 +13,8 @@ from default_moe.cli import main
 from default_moe.conversion import convert
 
 SOURCE = "mixtral-original-sharded-fp32"
+QWEN3_MOE = "qwen3_moe-original-sharded-fp32-dense-middle"
+QWEN2_MOE = "qwen2_moe-original-sharded-fp32-sliding-layer0"
 
 
 def shards(folder: Path) -> list[Path]:
@@ -121,6 +123,34 @@ CASES = {
     "bad-shard-size": (lambda f: None, ["--max-shard-size", "lots"], "cannot parse size 'lots'"),
     "calibration-file-missing": (lambda f: None, ["--calibration-data", "/nonexistent.txt"], "is not a file"),
 }
+# Qwen-MoE specifics: case -> (source, damage, extra CLI args, expected message fragment)
+QWEN_CASES = {
+    "sparse-step-zero": (QWEN3_MOE, lambda f: set_config(f, decoder_sparse_step=0), [], "decoder_sparse_step=0"),
+    "head-dim-not-hidden-over-heads": (
+        QWEN3_MOE,
+        lambda f: set_config(f, head_dim=8),
+        [],
+        "q_proj.weight has shape (64, 32) but config.json implies (32, 32)",
+    ),
+    "dense-layer-missing": (
+        QWEN3_MOE,
+        lambda f: set_config(f, mlp_only_layers=[]),
+        [],
+        "lacks tensor model.layers.1.mlp.gate.weight",
+    ),
+    "shared-expert-width": (
+        QWEN2_MOE,
+        lambda f: set_config(f, shared_expert_intermediate_size=8),
+        [],
+        "shared_expert.gate_proj.weight has shape (20, 32) but config.json implies (8, 32)",
+    ),
+    "layer-types-unknown": (
+        QWEN2_MOE,
+        lambda f: set_config(f, layer_types=["chunked_attention", "full_attention"]),
+        [],
+        "layer_types=",
+    ),
+}
 
 
 def run_cli(capfd, argv: list[str]) -> tuple[int, list[str]]:
@@ -136,10 +166,10 @@ def assert_clean_failure(code, lines, fragment, dst: Path):
     assert not dst.exists() and not dst.parent.exists(), "DST (or a parent folder it created) left behind"
 
 
-@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("case", [*CASES, *QWEN_CASES])
 def test_bad_source(sources, tmp_path, capfd, case):
-    damage, args, fragment = CASES[case]
-    src = copy_source(sources[SOURCE], tmp_path / "src")
+    source, damage, args, fragment = (SOURCE, *CASES[case]) if case in CASES else QWEN_CASES[case]
+    src = copy_source(sources[source], tmp_path / "src")
     damage(src)
     before = folder_digest(src)
     dst = tmp_path / "out" / "dst"
@@ -246,6 +276,6 @@ def test_real_subprocess(sources, tmp_path):
     assert result.returncode == 1
     assert result.stderr.strip().splitlines() == [
         f"error: unsupported model_type 'gpt2' in {src / 'config.json'}: expected one of mixtral, olmoe, flex_olmo, "
-        "llama, mistral, qwen2, olmo2"
+        "qwen3_moe, qwen2_moe, llama, mistral, qwen2, qwen3, olmo2, olmo3"
     ]
     assert not dst.exists()

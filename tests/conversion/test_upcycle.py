@@ -1,11 +1,12 @@
-"""Sparse upcycling of dense Llama/Mistral/Qwen2/OLMo-2 models: step 0 equals the dense model (transformers' own)."""
+"""Sparse upcycling of dense Llama/Mistral/Qwen2/Qwen3/OLMo-2/OLMo-3 models: step 0 equals the dense model
+(transformers' own)."""
 
 import json
 
 import pytest
 import torch
 from safetensors.torch import load_file
-from transformers import FlexOlmoForCausalLM, MixtralForCausalLM
+from transformers import AutoConfig, FlexOlmoForCausalLM, MixtralForCausalLM, Qwen3MoeForCausalLM
 
 from conversion.sources import build_model, folder_digest, random_inputs, save_source
 from default_moe import DefaultMoeConfig, DefaultMoeForCausalLM
@@ -23,6 +24,11 @@ CASES = {
     "llama-bf16-E4-K2-G2": ("llama-tied-bias-bf16", dict(num_experts=4, top_k=2, granularity=2)),
     "mistral-E4-K1-G1": ("mistral-sliding-fp32", dict(num_experts=4, top_k=1)),
     "qwen2-E8-K4-G4": ("qwen2-tied-fp32", dict(num_experts=8, top_k=4, granularity=4, seed=7)),
+    # Sliding attention on some layers only (layer_types from max_window_layers).
+    "qwen2-sliding-upper-E4-K2": ("qwen2-sliding-upper-fp32", dict(num_experts=4, top_k=2)),
+    # Qwen3: q/k norms per head (qk_norm="head"), head_dim 16 != hidden/heads.
+    "qwen3-sliding-upper-E4-K2-G2": ("qwen3-sharded-fp32-sliding-upper", dict(num_experts=4, top_k=2, granularity=2)),
+    "qwen3-bf16-E8-K2-dense1": ("qwen3-tied-bias-bf16", dict(num_experts=8, top_k=2, num_dense_layers=1)),
     # OLMo-2: norms on the sublayer outputs (norm_placement="post") and q/k norms over the whole projections.
     "olmo2-E4-K2-G1": ("olmo2-sharded-bias-fp32", dict(num_experts=4, top_k=2)),
     "olmo2-E8-K4-G2-dense1": (
@@ -30,6 +36,9 @@ CASES = {
         dict(num_experts=8, top_k=4, granularity=2, num_dense_layers=1),
     ),
     "olmo2-bf16-E6-K2-G2": ("olmo2-tied-bf16", dict(num_experts=6, top_k=2, granularity=2)),
+    # OLMo-3: OLMo-2's norms, sliding and full layers, RoPE per attention kind (YaRN on the full layer).
+    "olmo3-yarn-E4-K2-G1": ("olmo3-sharded-bias-fp32-yarn", dict(num_experts=4, top_k=2)),
+    "olmo3-bf16-E4-K2-G2-dense1": ("olmo3-tied-bf16", dict(num_experts=4, top_k=2, granularity=2, num_dense_layers=1)),
 }
 
 
@@ -50,9 +59,14 @@ def test_upcycled_model_equals_dense_model_at_step_0(sources, tmp_path, case):
         True,
     )
     assert cfg.intermediate_size * granularity == dense_width == cfg.dense_intermediate_size
-    assert cfg.num_dense_layers == options.get("num_dense_layers", 0)
-    olmo2 = source.model_type == "olmo2"
-    assert (cfg.norm_placement, cfg.qk_norm) == (("post", True) if olmo2 else ("pre", False))
+    assert cfg.dense_layers == list(range(options.get("num_dense_layers", 0)))
+    expected = {"olmo2": ("post", "projection"), "olmo3": ("post", "projection"), "qwen3": ("pre", "head")}
+    assert (cfg.norm_placement, cfg.qk_norm) == expected.get(source.model_type, ("pre", False))
+    src = AutoConfig.from_pretrained(source.folder)
+    window = getattr(src, "sliding_window", None)
+    kinds = getattr(src, "layer_types", None) or ["sliding_attention" if window else "full_attention"] * 2
+    assert cfg.layer_types == kinds
+    assert cfg.rope_parameters == src.rope_parameters
 
     reference = source.load_reference()
     ours = DefaultMoeForCausalLM.from_pretrained(dst, dtype=torch.float32).eval()
@@ -68,7 +82,7 @@ def test_upcycled_model_equals_dense_model_at_step_0(sources, tmp_path, case):
     # A real, token-dependent router (not a constant that would trivially keep the dense output).
     with torch.no_grad():
         router_logits = ours(random_inputs(1), output_router_logits=True).router_logits
-    assert len(router_logits) == cfg.num_hidden_layers - cfg.num_dense_layers
+    assert len(router_logits) == len(cfg.moe_layers)
     assert all((logits - logits[0]).abs().max() > 1e-3 for logits in router_logits)
 
 
@@ -117,6 +131,7 @@ def test_without_renormalisation_step_0_differs(sources, tmp_path):
     [
         ("llama-sharded-fp32", "mixtral", MixtralForCausalLM),
         ("olmo2-sharded-bias-fp32", "flex_olmo", FlexOlmoForCausalLM),
+        ("qwen3-tied-bias-bf16", "qwen3_moe", Qwen3MoeForCausalLM),
     ],
 )
 def test_upcycled_model_exports_to_a_stock_moe_that_equals_the_dense_model(
@@ -159,8 +174,4 @@ def test_unsupported_dense_variants(tmp_path):
     save_source(llama, tmp_path / "mlp_bias", "original", "fp32", None)
     with pytest.raises(ValueError, match="mlp_bias=True"):
         convert(tmp_path / "mlp_bias", tmp_path / "out")
-    qwen = build_model("qwen2", 0, use_sliding_window=True, sliding_window=4, max_window_layers=1)
-    save_source(qwen, tmp_path / "qwen_mixed", "original", "fp32", None)
-    with pytest.raises(ValueError, match="Qwen2 with sliding attention on some layers"):
-        convert(tmp_path / "qwen_mixed", tmp_path / "out")
     assert not (tmp_path / "out").exists()

@@ -5,10 +5,12 @@ import math
 
 import pytest
 import torch
+from peft import get_peft_model
 from transformers import Trainer, TrainingArguments, default_data_collator
 from transformers.trainer_callback import DefaultFlowCallback, PrinterCallback, ProgressCallback
 
 from default_moe import DefaultMoeForCausalLM
+from default_moe.peft import lora_config
 from default_moe.training import DefaultMoeCallback
 from default_moe.training.data import PackedDataset
 from default_moe.training.trainer import preset_config
@@ -16,9 +18,13 @@ from default_moe.training.trainer import preset_config
 VOCAB, SEQ, BATCH = 128, 16, 4
 
 
-def make_trainer(tmp_path, callback, steps=6, routing="default", checkpointing=False, collapse=False, **config):
+def make_trainer(
+    tmp_path, callback, steps=6, routing="default", checkpointing=False, collapse=False, lora=False, **config
+):
     torch.manual_seed(0)
     model = DefaultMoeForCausalLM(preset_config("micro", vocab_size=VOCAB, routing=routing, **config))
+    if lora:
+        model = get_peft_model(model, lora_config(r=2, model=model))
     if collapse:
         # Expert 0's logit is 0 while experts 1 and 2 have logits +s and -s: with top-1, one of them always beats
         # expert 0, so it never gets a token; the large s keeps it so through a few small optimizer steps.
@@ -81,6 +87,24 @@ def test_logs_losses_and_router_statistics_and_writes_plots(tmp_path, checkpoint
         assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 5000
     load = callback.expert_load()
     assert load.shape == (2, 4) and torch.allclose(load.sum(-1), torch.full((2,), 4.0, dtype=load.dtype))
+
+
+@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
+def test_dense_layers_anywhere_and_a_shared_expert(tmp_path, lora):
+    """Entries are named by the layer's index in the model, so the dense layer in the middle has none; each shared
+    expert's gate is logged (its mean sigmoid over the training tokens), LoRA-adapted or not."""
+    callback = DefaultMoeCallback(plots=False)
+    config = dict(num_hidden_layers=3, dense_layers=[1], shared_expert_intermediate_size=16)
+    trainer = make_trainer(tmp_path, callback, steps=2, lora=lora, **config)
+    trainer.train()
+    assert callback._layers == [0, 2]
+    for entry in step_logs(trainer):
+        assert not any(key.startswith("moe/layer1/") for key in entry)
+        for layer in (0, 2):
+            assert sum(entry[f"moe/layer{layer}/expert{e}"] for e in range(4)) == pytest.approx(1.0)
+            assert 0 < entry[f"moe/layer{layer}/shared_gate"] < 1
+    top_k = trainer.model.config.num_experts_per_tok
+    assert callback._run_counts.sum(-1).tolist() == [2 * BATCH * SEQ * top_k] * 2
 
 
 def test_eval_forwards_are_not_counted_and_topk_has_no_defaults(tmp_path):

@@ -8,6 +8,8 @@ import torch
 from safetensors.torch import load_file
 from transformers import TrainerCallback
 
+from conversion.sources import build_model, save_source
+from default_moe.conversion import convert
 from default_moe.training import cli as train_cli
 from default_moe.training import trainer as training
 from training.helpers import TINY_RUN, train_args
@@ -37,9 +39,34 @@ def _losses(log_history):
     return {e["step"]: e["loss"] for e in log_history if "loss" in e}
 
 
-@pytest.mark.parametrize("grad_accum", [1, 2])
-def test_interrupted_run_plus_resume_equals_uninterrupted_run(tmp_path, grad_accum):
-    run = [*TINY_RUN, "--preset", "micro", "--max-steps", "6", "--save-steps", "3", "--grad-accum", grad_accum]
+@pytest.fixture(scope="module")
+def converted_qwen3_moe(tmp_path_factory):
+    """A tiny Qwen3-MoE checkpoint in the Hub layout (per-head q/k norms, head_dim != hidden/heads, a dense layer in
+    the middle, renormalised top-2, sliding window), converted: what `default-moe convert` makes of Qwen3-30B-A3B."""
+    root = tmp_path_factory.mktemp("qwen3_moe")
+    source = build_model(
+        "qwen3_moe",
+        0,
+        num_hidden_layers=3,
+        num_experts=4,
+        num_experts_per_tok=2,
+        head_dim=16,
+        norm_topk_prob=True,
+        mlp_only_layers=[1],
+        use_sliding_window=True,
+        sliding_window=8,
+    )
+    save_source(source, root / "qwen3_moe", "original", "fp32", "8KB")
+    return convert(root / "qwen3_moe", root / "converted", progress=False)
+
+
+@pytest.mark.parametrize(
+    ("model", "grad_accum"), [("micro", 1), ("micro", 2), ("qwen3_moe", 1)], ids=["micro", "micro-accum2", "qwen3_moe"]
+)
+def test_interrupted_run_plus_resume_equals_uninterrupted_run(tmp_path, request, model, grad_accum):
+    """A fresh model (`--preset micro`), or fine-tuning a converted Qwen3-MoE checkpoint (`--model DIR`)."""
+    source = ["--preset", "micro"] if model == "micro" else ["--model", request.getfixturevalue("converted_qwen3_moe")]
+    run = [*TINY_RUN, *source, "--max-steps", "6", "--save-steps", "3", "--grad-accum", grad_accum]
     run += ["--lr", "3e-3", "--set", "default_ema_beta=0.5"]  # a fast-moving EMA makes a wrong restore visible
     straight = train_cli.train(train_args(*run, "--output-dir", tmp_path / "a"))
 

@@ -1,4 +1,5 @@
-"""`convert` (Mixtral/OLMoE/FlexOlmo -> Default MoE, dense -> Default MoE by upcycling) and `export` (back).
+"""`convert` (Mixtral/OLMoE/FlexOlmo/Qwen3-MoE/Qwen2-MoE -> Default MoE, dense -> Default MoE by upcycling) and
+`export` (back).
 
 Both follow the same steps: resolve SRC (local folder, or a Hub repo id), read and check its config, plan every
 output tensor with its shape (checking every source tensor against the config on the way, before anything is
@@ -15,7 +16,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from . import flex_olmo, mixtral, olmoe, upcycle
+from . import flex_olmo, mixtral, olmoe, qwen2_moe, qwen3_moe, upcycle
 from .io import (
     CheckpointReader,
     ConversionError,
@@ -28,7 +29,14 @@ from .layout import PlanBuilder
 
 logger = logging.getLogger(__name__)
 
-MOE_MODELS = {"mixtral": mixtral, "olmoe": olmoe, "flex_olmo": flex_olmo}  # converted both ways
+# Converted both ways.
+MOE_MODELS = {
+    "mixtral": mixtral,
+    "olmoe": olmoe,
+    "flex_olmo": flex_olmo,
+    "qwen3_moe": qwen3_moe,
+    "qwen2_moe": qwen2_moe,
+}
 SOURCE_TYPES = (*MOE_MODELS, *upcycle.MODEL_TYPES)
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 # Files carried over from SRC besides the weights and config: tokenizer, chat template, generation config.
@@ -153,7 +161,8 @@ def convert(
     overwrite: bool = False,
     progress: bool | None = None,
 ) -> Path:
-    """Convert a Mixtral/OLMoE/FlexOlmo checkpoint (or upcycle a Llama/Mistral/Qwen2/OLMo-2 one) into Default MoE.
+    """Convert a Mixtral/OLMoE/FlexOlmo/Qwen3-MoE/Qwen2-MoE checkpoint (or upcycle a Llama/Mistral/Qwen2/Qwen3/OLMo-2/
+    OLMo-3 one) into Default MoE.
 
     Returns the output folder. See docs/conversion.md for every option; upcycling options (`num_experts`, `top_k`,
     `granularity`, `num_dense_layers`, `norm_topk_prob`, `seed`) are rejected for MoE sources, whose routing is
@@ -274,7 +283,7 @@ def export(
     overwrite: bool = False,
     progress: bool | None = None,
 ) -> Path:
-    """Write a Default MoE checkpoint back in Mixtral's, OLMoE's or FlexOlmo's original per-expert Hub layout.
+    """Write a Default MoE checkpoint back in the original per-expert Hub layout of a MoE model (`MOE_MODELS`).
 
     The EMA defaults are dropped (stock transformers has no place for them), so the exported model computes the
     Default MoE model's top-K output, which equals its full output only while the defaults are zero. Returns DST.
@@ -321,7 +330,7 @@ def export(
 def _warn_if_defaults_nonzero(reader: CheckpointReader, config) -> None:
     if config.routing != "default":
         return
-    for layer in range(config.num_dense_layers, config.num_hidden_layers):
+    for layer in config.moe_layers:
         name = f"model.layers.{layer}.mlp.default_outputs.ema"
         if name in reader and bool(reader.read(name).any()):
             logger.warning(

@@ -1,4 +1,5 @@
-"""`default-moe convert SRC DST`: Mixtral/OLMoE/FlexOlmo -> Default MoE, or sparse upcycling of a dense model."""
+"""`default-moe convert SRC DST`: a MoE checkpoint (Mixtral, OLMoE, FlexOlmo, Qwen3-MoE, Qwen2-MoE) -> Default MoE,
+or sparse upcycling of a dense model."""
 
 import argparse
 

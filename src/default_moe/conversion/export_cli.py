@@ -1,4 +1,5 @@
-"""`default-moe export SRC DST --to mixtral|olmoe|flex_olmo`: a Default MoE checkpoint in the original layout."""
+"""`default-moe export SRC DST --to mixtral|olmoe|flex_olmo|qwen3_moe|qwen2_moe`: a Default MoE checkpoint in the
+original layout."""
 
 import argparse
 

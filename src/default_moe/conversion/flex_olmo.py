@@ -27,7 +27,7 @@ def export_config(config) -> FlexOlmoConfig:
     olmoe.check_exportable(config, target, "post")
     require(config.clip_qkv is None, target, "FlexOlmo has no clip_qkv")
     return FlexOlmoConfig(
-        **export_decoder_fields(config),
+        **export_decoder_fields(config, target),
         attention_bias=config.attention_bias,
         num_experts=config.num_experts,
         norm_topk_prob=config.norm_topk_prob,

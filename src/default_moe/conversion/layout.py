@@ -7,20 +7,25 @@ Canonical layout (what `DefaultMoeForCausalLM` loads):
     model.layers.{i}.post_attention_layernorm.weight       (H,)          pre: before the MLP; post: after attention
     model.layers.{i}.post_feedforward_layernorm.weight     (H,)          norm_placement="post" (after the MLP)
     model.layers.{i}.self_attn.{q,k,v,o}_proj.weight       (+ .bias if attention_bias)
-    model.layers.{i}.self_attn.{q,k}_norm.weight           if qk_norm, widths heads*head_dim and kv_heads*head_dim
-    model.layers.{i}.mlp.gate.weight                       (E, H)        MoE layers (i >= num_dense_layers)
+    model.layers.{i}.self_attn.{q,k}_norm.weight           qk_norm="projection": widths heads*head_dim and
+                                                           kv_heads*head_dim; qk_norm="head": both head_dim
+    model.layers.{i}.mlp.gate.weight                       (E, H)        MoE layers (i not in dense_layers)
     model.layers.{i}.mlp.experts.gate_up_proj              (E, 2I, H)    gate rows first, then up
     model.layers.{i}.mlp.experts.down_proj                 (E, H, I)
     model.layers.{i}.mlp.default_outputs.ema               (E, H) float32
-    model.layers.{i}.mlp.{gate,up,down}_proj.weight        dense layers (i < num_dense_layers)
+    model.layers.{i}.mlp.shared_expert.{gate,up,down}_proj.weight   MoE layers with a shared expert (width S)
+    model.layers.{i}.mlp.shared_expert_gate.weight         (1, H)
+    model.layers.{i}.mlp.{gate,up,down}_proj.weight        dense layers (i in dense_layers)
     model.norm.weight                                      (H,)
     lm_head.weight                                         (V, H), absent when tie_word_embeddings
 """
 
+import copy
 from collections.abc import Callable
 
 import torch
 
+from ..configuration_default_moe import LAYER_TYPES
 from .io import CheckpointReader, ConversionError, TensorPlan
 
 # Tensors some checkpoints carry that are recomputed by every model and can be dropped.
@@ -44,8 +49,10 @@ def attention_shapes(config) -> dict[str, tuple[int, ...]]:
             "v_proj.bias": (kv_width,),
             "o_proj.bias": (hidden,),
         }
-    if config.qk_norm:
+    if config.qk_norm == "projection":  # OLMoE: over the whole projection
         shapes |= {"q_norm.weight": (q_width,), "k_norm.weight": (kv_width,)}
+    elif config.qk_norm == "head":  # Qwen3: over each head, one weight shared by all heads
+        shapes |= {"q_norm.weight": (head_dim,), "k_norm.weight": (head_dim,)}
     return shapes
 
 
@@ -151,6 +158,22 @@ def fuse_experts(
     )
 
 
+def copy_dense_mlp(builder: PlanBuilder, prefix: str, width: int, config) -> None:
+    """A SwiGLU MLP `{prefix}.{gate,up,down}_proj.weight` of width `width`, named alike in source and output."""
+    hidden = config.hidden_size
+    for name, shape in (("gate_proj", (width, hidden)), ("up_proj", (width, hidden)), ("down_proj", (hidden, width))):
+        builder.copy(f"{prefix}.{name}.weight", f"{prefix}.{name}.weight", shape)
+
+
+def copy_shared_expert(builder: PlanBuilder, layer: int, config) -> None:
+    """Qwen2-MoE's shared expert and its sigmoid gate, under the same names in source and output."""
+    if config.shared_expert_intermediate_size is None:
+        return
+    prefix = f"model.layers.{layer}.mlp"
+    copy_dense_mlp(builder, f"{prefix}.shared_expert", config.shared_expert_intermediate_size, config)
+    builder.copy(f"{prefix}.shared_expert_gate.weight", f"{prefix}.shared_expert_gate.weight", (1, config.hidden_size))
+
+
 def ema_plan(builder: PlanBuilder, layer: int, config) -> None:
     shape = (config.num_experts, config.hidden_size)
     builder.new(f"model.layers.{layer}.mlp.default_outputs.ema", torch.float32, shape, lambda: torch.zeros(shape))
@@ -175,11 +198,14 @@ class TensorCache:
         return tensor
 
 
-def plan_decoder(builder: PlanBuilder, config, plan_mlp: Callable[[PlanBuilder, int], None], zero_fill=()) -> None:
+def plan_decoder(
+    builder: PlanBuilder, config, plan_mlp: Callable[[PlanBuilder, int], None], zero_fill=(), dropped=()
+) -> None:
     """Everything but the MLPs under the same names in source and output; `plan_mlp(builder, layer)` does those.
 
     `zero_fill` lists attention suffixes (e.g. "o_proj.bias" for Qwen2) the source lacks and that are written as
-    zeros, which is exactly what the source computes without them.
+    zeros, which is exactly what the source computes without them; `dropped` the suffixes an export target lacks,
+    which are not written (`require_zero` checks them first).
     """
     hidden, vocab = config.hidden_size, config.vocab_size
     builder.copy("model.embed_tokens.weight", "model.embed_tokens.weight", (vocab, hidden))
@@ -189,7 +215,9 @@ def plan_decoder(builder: PlanBuilder, config, plan_mlp: Callable[[PlanBuilder, 
             builder.copy(f"{prefix}.input_layernorm.weight", f"{prefix}.input_layernorm.weight", (hidden,))
         for suffix, shape in attention_shapes(config).items():
             name = f"{prefix}.self_attn.{suffix}"
-            if suffix in zero_fill:
+            if suffix in dropped:
+                builder.source(name, shape)
+            elif suffix in zero_fill:
                 like = builder.reader[f"{prefix}.self_attn.{suffix.split('.')[0]}.weight"].dtype
                 dtype = builder.out_dtype(like)
                 builder.new(name, dtype, shape, lambda shape=shape, dtype=dtype: torch.zeros(shape, dtype=dtype))
@@ -212,12 +240,16 @@ def plan_decoder(builder: PlanBuilder, config, plan_mlp: Callable[[PlanBuilder, 
 def plan_moe_source_layer(
     builder: PlanBuilder, layer: int, config, block: str, per_expert: tuple[str, str, str]
 ) -> None:
-    """One MoE layer of a Mixtral/OLMoE/FlexOlmo source -> canonical, from per-expert names or transformers 5 fused.
+    """One decoder MLP of a MoE source -> canonical, from per-expert names or transformers 5 fused.
 
     `block` is the source MoE module name ("block_sparse_moe" or "mlp"); `per_expert` the (gate, up, down) names
     under `{block}.experts.{e}.`. transformers 5 saves fused tensors under `mlp.` whatever the original name.
+    Dense layers (Qwen-MoE's `mlp_only_layers`) and shared experts keep their names.
     """
     prefix = f"model.layers.{layer}"
+    if layer in config.dense_layers:
+        copy_dense_mlp(builder, f"{prefix}.mlp", config.dense_intermediate_size, config)
+        return
     hidden, width, num_experts = config.hidden_size, config.intermediate_size, config.num_experts
     router = next(
         (f"{prefix}.{b}.gate.weight" for b in (block, "mlp") if builder.has(f"{prefix}.{b}.gate.weight")), None
@@ -235,14 +267,19 @@ def plan_moe_source_layer(
         experts = [f"{prefix}.{block}.experts.{e}" for e in range(num_experts)]
         gate, up, down = ([f"{x}.{name}.weight" for x in experts] for name in per_expert)
         fuse_experts(builder, f"{prefix}.mlp.experts", gate, up, down, config)
+    copy_shared_expert(builder, layer, config)
     ema_plan(builder, layer, config)
 
 
 def plan_moe_export_layer(
     builder: PlanBuilder, cache: TensorCache, layer: int, config, block: str, per_expert: tuple[str, str, str]
 ) -> None:
-    """Canonical MoE layer -> per-expert original names (`{block}.experts.{e}.{gate|up|down}.weight`)."""
+    """Canonical decoder MLP -> per-expert original names (`{block}.experts.{e}.{gate|up|down}.weight`)."""
     prefix = f"model.layers.{layer}"
+    if layer in config.dense_layers:
+        copy_dense_mlp(builder, f"{prefix}.mlp", config.dense_intermediate_size, config)
+        return
+    copy_shared_expert(builder, layer, config)
     hidden, width, num_experts = config.hidden_size, config.intermediate_size, config.num_experts
     builder.copy(f"{prefix}.{block}.gate.weight", f"{prefix}.mlp.gate.weight", (num_experts, hidden))
     gate_up = builder.source(f"{prefix}.mlp.experts.gate_up_proj", (num_experts, 2 * width, hidden))
@@ -276,7 +313,7 @@ def plan_moe_export_layer(
 def decoder_config_fields(src) -> dict:
     """Fields every supported source shares with `DefaultMoeConfig`, from a transformers config object."""
     head_dim = getattr(src, "head_dim", None) or src.hidden_size // src.num_attention_heads
-    rope = getattr(src, "rope_parameters", None)
+    rope = getattr(src, "rope_parameters", None)  # flat, or nested by attention kind (OLMo-3)
     return {
         "vocab_size": src.vocab_size,
         "hidden_size": src.hidden_size,
@@ -293,13 +330,21 @@ def decoder_config_fields(src) -> dict:
         "bos_token_id": src.bos_token_id,
         "eos_token_id": src.eos_token_id,
         "tie_word_embeddings": bool(src.tie_word_embeddings),
-        "rope_parameters": dict(rope) if rope else None,
+        "rope_parameters": copy.deepcopy(dict(rope)) if rope else None,
         "attention_dropout": getattr(src, "attention_dropout", 0.0),
     }
 
 
-def export_decoder_fields(config) -> dict:
-    """The inverse of `decoder_config_fields`, for writing a Mixtral/OLMoE/FlexOlmo config."""
+def layer_type_fields(src) -> dict:
+    """`layer_types` and `sliding_window` of a source whose config lists the attention kind of every layer (Qwen2,
+    Qwen3, Qwen2-MoE, OLMo-3). Their configs keep a window size (or 0) even when no layer slides: dropped then."""
+    layer_types = list(src.layer_types)
+    sliding = "sliding_attention" in layer_types
+    return {"layer_types": layer_types, "sliding_window": src.sliding_window if sliding else None}
+
+
+def export_decoder_fields(config, target: str) -> dict:
+    """The inverse of `decoder_config_fields`, for writing the config of the MoE model `target`."""
     fields = {
         key: getattr(config, key)
         for key in (
@@ -325,9 +370,21 @@ def export_decoder_fields(config) -> dict:
         )
     }
     fields["rope_parameters"] = dict(config.rope_parameters) if config.rope_parameters else None
+    require(
+        not set(fields["rope_parameters"] or ()) & set(LAYER_TYPES),
+        target,
+        f"{target} has one RoPE for all layers (rope_parameters is per attention kind here)",
+    )
     # Our Switch loss is 1.0 at balance, transformers' MoE losses are K: carry the coefficient back.
     fields["router_aux_loss_coef"] = config.router_aux_loss_coef / config.num_experts_per_tok
     return fields
+
+
+def uniform_sliding_window(config, target: str) -> int | None:
+    """The `sliding_window` of a target whose layers all attend alike: None when no layer slides."""
+    kinds = sorted(set(config.layer_types))
+    require(len(kinds) == 1, target, f"{target} attends alike on every layer (layer_types mixes {kinds} here)")
+    return config.sliding_window if kinds == ["sliding_attention"] else None
 
 
 def require_norm_placement(config, target: str, placement: str) -> None:
@@ -337,6 +394,13 @@ def require_norm_placement(config, target: str, placement: str) -> None:
         target,
         f"{target} normalises attention and MLP {where} (norm_placement={config.norm_placement!r} here)",
     )
+
+
+def require_zero(reader: CheckpointReader, names: list[str], target: str, why: str) -> None:
+    """Refuse to drop a tensor the target lacks unless it is zero (then dropping it changes nothing)."""
+    for name in names:
+        if name in reader and bool(reader.read(name).any()):
+            raise ConversionError(f"cannot export to {target}: {name} is non-zero and {why}")
 
 
 def require(condition: bool, target: str, why: str) -> None:

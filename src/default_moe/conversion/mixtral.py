@@ -18,6 +18,7 @@ from .layout import (
     plan_moe_source_layer,
     require,
     require_norm_placement,
+    uniform_sliding_window,
 )
 
 MODEL_TYPE = "mixtral"
@@ -50,20 +51,21 @@ def export_config(config) -> MixtralConfig:
     target = "Mixtral"
     require_norm_placement(config, target, "pre")
     require(config.norm_topk_prob, target, "Mixtral always renormalises the top-k weights (norm_topk_prob=False here)")
-    require(not config.qk_norm, target, "Mixtral has no q/k norm (qk_norm=True here)")
+    require(not config.qk_norm, target, f"Mixtral has no q/k norm (qk_norm={config.qk_norm!r} here)")
     require(config.clip_qkv is None, target, "Mixtral has no clip_qkv")
     require(not config.attention_bias, target, "Mixtral has no attention bias")
     require(
-        config.num_dense_layers == 0,
+        not config.dense_layers,
         target,
-        f"Mixtral has no dense layers (num_dense_layers={config.num_dense_layers})",
+        f"Mixtral has no dense layers (dense_layers={config.dense_layers})",
     )
-    fields = export_decoder_fields(config)
+    require(config.shared_expert_intermediate_size is None, target, "Mixtral has no shared expert")
+    fields = export_decoder_fields(config, target)
     fields["num_local_experts"] = config.num_experts
     return MixtralConfig(
         **fields,
         head_dim=config.head_dim,
-        sliding_window=config.sliding_window,
+        sliding_window=uniform_sliding_window(config, target),
         router_jitter_noise=config.router_jitter_noise,
     )
 

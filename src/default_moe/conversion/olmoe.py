@@ -34,7 +34,7 @@ def default_moe_fields(src: OlmoeConfig) -> dict:
         "intermediate_size": src.intermediate_size,
         "attention_bias": bool(src.attention_bias),
         "norm_placement": "pre",
-        "qk_norm": True,
+        "qk_norm": "projection",
         "clip_qkv": getattr(src, "clip_qkv", None),  # FlexOlmo (flex_olmo.py) has none
         "sliding_window": None,
         "router_jitter_noise": 0.0,
@@ -52,15 +52,17 @@ def plan(builder: PlanBuilder, config) -> None:
 
 
 def check_exportable(config, target: str, norm_placement: str) -> None:
-    """What OLMoE and FlexOlmo share: q/k norms, no sliding window or dense layers, head_dim = hidden/heads."""
+    """What OLMoE and FlexOlmo share: q/k norms over the whole projections, no sliding window, dense layers or shared
+    expert, head_dim = hidden/heads."""
     require_norm_placement(config, target, norm_placement)
-    require(config.qk_norm, target, f"{target} always has q/k norms (qk_norm=False here)")
-    require(config.sliding_window is None, target, f"{target} has no sliding window")
     require(
-        config.num_dense_layers == 0,
+        config.qk_norm == "projection",
         target,
-        f"{target} has no dense layers (num_dense_layers={config.num_dense_layers})",
+        f"{target} always has q/k norms over the whole projections (qk_norm={config.qk_norm!r} here)",
     )
+    require("sliding_attention" not in config.layer_types, target, f"{target} has no sliding window")
+    require(not config.dense_layers, target, f"{target} has no dense layers (dense_layers={config.dense_layers})")
+    require(config.shared_expert_intermediate_size is None, target, f"{target} has no shared expert")
     require(
         config.head_dim * config.num_attention_heads == config.hidden_size,
         target,
@@ -73,7 +75,7 @@ def check_exportable(config, target: str, norm_placement: str) -> None:
 def export_config(config) -> OlmoeConfig:
     check_exportable(config, "OLMoE", "pre")
     return OlmoeConfig(
-        **export_decoder_fields(config),
+        **export_decoder_fields(config, "OLMoE"),
         attention_bias=config.attention_bias,
         clip_qkv=config.clip_qkv,
         num_experts=config.num_experts,

@@ -1,7 +1,9 @@
 """Sparse upcycling of dense Llama-family models (Komatsuzaki et al. 2022; NVIDIA arXiv 2410.07524).
 
-Sources: Llama, Mistral, Qwen2 and OLMo-2 (whose norms sit on the sublayer outputs: `norm_placement="post"`, with
-q/k norms over the whole projections). Everything but the MLPs is carried over. Each MLP of width I becomes E
+Sources: Llama, Mistral, Qwen2, Qwen3 (q/k norms per head: `qk_norm="head"`), OLMo-2 and OLMo-3 (whose norms sit
+on the sublayer outputs: `norm_placement="post"`, with q/k norms over the whole projections). Qwen2, Qwen3 and OLMo-3
+list the attention kind of every layer (`layer_types`: full or sliding window), which is carried over, as is
+OLMo-3's RoPE per attention kind. Everything but the MLPs is carried over. Each MLP of width I becomes E
 experts of width I/G (granularity G): the dense FFN is split into G slices along its hidden width and expert e gets
 slice e mod G. The router of every MoE layer is the NVIDIA "virtual group" init: E/G fresh rows (normal, std
 `initializer_range`), each repeated G times, so the G experts of a group (e = jG .. jG+G-1, one of each slice)
@@ -25,11 +27,21 @@ import logging
 import torch
 
 from .io import ConversionError
-from .layout import Layout, PlanBuilder, decoder_config_fields, ema_plan, plan_decoder
+from .layout import (
+    Layout,
+    PlanBuilder,
+    copy_dense_mlp,
+    decoder_config_fields,
+    ema_plan,
+    layer_type_fields,
+    plan_decoder,
+)
 
 logger = logging.getLogger(__name__)
 
-MODEL_TYPES = ("llama", "mistral", "qwen2", "olmo2")
+MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "olmo2", "olmo3")
+LAYER_TYPED = ("qwen2", "qwen3", "olmo3")  # sources whose config has `layer_types`
+POST_NORM = ("olmo2", "olmo3")  # norms on the sublayer outputs, q/k norms over the whole projections
 
 
 def default_moe_fields(
@@ -51,36 +63,31 @@ def default_moe_fields(
     if not 0 <= num_dense_layers <= src.num_hidden_layers:
         raise ConversionError(f"--num-dense-layers must be in [0, {src.num_hidden_layers}], got {num_dense_layers}")
 
-    if model_type == "qwen2":
-        attention_bias = True  # q/k/v have a bias, o_proj does not: it is written as zeros
-        layer_types = set(getattr(src, "layer_types", None) or ["full_attention"])
-        if layer_types == {"sliding_attention"}:
-            sliding_window = src.sliding_window
-        elif layer_types == {"full_attention"}:
-            sliding_window = None
-        else:
-            raise ConversionError(
-                "Qwen2 with sliding attention on some layers only (max_window_layers) is not supported"
-            )
-    else:
-        attention_bias = bool(getattr(src, "attention_bias", False))
-        sliding_window = getattr(src, "sliding_window", None) if model_type == "mistral" else None
-    olmo2 = model_type == "olmo2"  # norms on the sublayer outputs, and q/k norms over the whole projections
-    return decoder_config_fields(src) | {
-        "intermediate_size": width // granularity,
-        "dense_intermediate_size": width,
-        "num_dense_layers": num_dense_layers,
-        "attention_bias": attention_bias,
-        "norm_placement": "post" if olmo2 else "pre",
-        "qk_norm": olmo2,
-        "clip_qkv": None,
-        "sliding_window": sliding_window,
-        "router_jitter_noise": 0.0,
-        "num_experts": num_experts,
-        "num_experts_per_tok": top_k,
-        "norm_topk_prob": norm_topk_prob,
-        "router_aux_loss_coef": 0.01,  # the paper's Switch-loss coefficient
-    }
+    if model_type in LAYER_TYPED:
+        attention = layer_type_fields(src)
+    else:  # Mistral slides on every layer when it has a window
+        attention = {"sliding_window": getattr(src, "sliding_window", None) if model_type == "mistral" else None}
+    # Qwen2: q/k/v have a bias and o_proj does not (written as zeros); the others have all four or none.
+    attention_bias = True if model_type == "qwen2" else bool(getattr(src, "attention_bias", False))
+    qk_norm = "projection" if model_type in POST_NORM else "head" if model_type == "qwen3" else False
+    return (
+        decoder_config_fields(src)
+        | attention
+        | {
+            "intermediate_size": width // granularity,
+            "dense_intermediate_size": width,
+            "num_dense_layers": num_dense_layers,
+            "attention_bias": attention_bias,
+            "norm_placement": "post" if model_type in POST_NORM else "pre",
+            "qk_norm": qk_norm,
+            "clip_qkv": None,
+            "router_jitter_noise": 0.0,
+            "num_experts": num_experts,
+            "num_experts_per_tok": top_k,
+            "norm_topk_prob": norm_topk_prob,
+            "router_aux_loss_coef": 0.01,  # the paper's Switch-loss coefficient
+        }
+    )
 
 
 def plan(builder: PlanBuilder, config, model_type: str, granularity: int, seed: int) -> None:
@@ -99,10 +106,8 @@ def plan(builder: PlanBuilder, config, model_type: str, granularity: int, seed: 
     def plan_mlp(b: PlanBuilder, layer: int) -> None:
         prefix = f"model.layers.{layer}.mlp"
         gate, up, down = (f"{prefix}.{name}.weight" for name in ("gate_proj", "up_proj", "down_proj"))
-        if layer < config.num_dense_layers:
-            b.copy(gate, gate, (dense_width, hidden))
-            b.copy(up, up, (dense_width, hidden))
-            b.copy(down, down, (hidden, dense_width))
+        if layer in config.dense_layers:
+            copy_dense_mlp(b, prefix, dense_width, config)
             return
         router_dtype = b.out_dtype(b.reader[gate].dtype)
 

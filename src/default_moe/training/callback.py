@@ -8,8 +8,11 @@ Add it to any Trainer: `Trainer(..., callbacks=[DefaultMoeCallback()])`. At ever
     moe/layer{L}/expert{E}                          each expert's share of the routed (token, expert) pairs
     moe/layer{L}/router_entropy                     mean entropy (nats) of the router's softmax over all experts
     moe/layer{L}/ema_norm                           mean L2 norm of the layer's EMA default vectors
+    moe/layer{L}/shared_gate                        mean sigmoid gate of the layer's shared expert (Qwen2-MoE style;
+                                                    only for layers that have one)
 
-(per-expert shares only when the model has at most `max_logged_experts` experts). At the end of training it writes
+(per-expert shares only when the model has at most `max_logged_experts` experts). `L` is the layer's index in the
+model, so dense layers (`dense_layers`, anywhere in the stack) simply have no entries. At the end of training it writes
 `moe_loss_curves.png` and `moe_expert_load.png` (layers x experts heatmap of the load over the whole run) to the
 output folder, and it warns (once per expert) when an expert's share stays below `collapse_threshold` times the
 uniform share for `collapse_patience` logging windows in a row: the router has collapsed onto fewer experts. It also
@@ -121,6 +124,8 @@ class DefaultMoeCallback(TrainerCallback):
         self._counts = torch.zeros(num_layers, self.num_experts, device=device, dtype=torch.float64)
         self._entropy = torch.zeros(num_layers, device=device, dtype=torch.float64)  # sum over tokens
         self._tokens = torch.zeros(num_layers, device=device, dtype=torch.float64)
+        self._shared_gate = torch.zeros(num_layers, device=device, dtype=torch.float64)  # sum over tokens
+        self._has_shared = [getattr(block, "shared_expert", None) is not None for block in self._blocks]
         self._losses = torch.zeros(4, device=device, dtype=torch.float64)  # token-weighted lm, aux, z sums; tokens
         self._run_counts = torch.zeros(num_layers, self.num_experts, dtype=torch.float64)
         self._starved_windows = torch.zeros(num_layers, self.num_experts, dtype=torch.long)
@@ -129,6 +134,8 @@ class DefaultMoeCallback(TrainerCallback):
 
         for index, block in enumerate(self._blocks):
             self._handles.append(block.gate.register_forward_hook(self._router_hook(index)))
+            if self._has_shared[index]:
+                self._handles.append(block.shared_expert_gate.register_forward_hook(self._shared_gate_hook(index)))
         lm = _causal_lm(model)
         if lm is not None:
             self._handles.append(lm.register_forward_hook(self._loss_hook, with_kwargs=True))
@@ -150,6 +157,15 @@ class DefaultMoeCallback(TrainerCallback):
                 entropy_T = -(probs_TE * probs_TE.clamp_min(torch.finfo(probs_TE.dtype).tiny).log()).sum(-1)
                 self._entropy[index] += entropy_T.sum().double()
                 self._tokens[index] += probs_TE.shape[0]
+
+        return hook
+
+    def _shared_gate_hook(self, index: int):
+        def hook(module, inputs, output):
+            if not module.training or _in_backward_recompute():
+                return
+            with torch.no_grad():
+                self._shared_gate[index] += torch.sigmoid(output.float()).sum().double()
 
         return hook
 
@@ -233,18 +249,18 @@ class DefaultMoeCallback(TrainerCallback):
     # ----------------------------------------------------------------------------------------------- logic
     def _collect(self) -> dict | None:
         """The statistics of the window since the last log, summed over ranks; None if no training forward ran."""
-        flat = torch.cat([self._losses, self._counts.flatten(), self._entropy, self._tokens])
+        flat = torch.cat([self._losses, self._counts.flatten(), self._entropy, self._tokens, self._shared_gate])
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             if torch.distributed.get_backend() == "nccl":
                 flat = flat.to(torch.device("cuda", torch.cuda.current_device()))
             torch.distributed.all_reduce(flat)
         flat = flat.cpu()
-        for tensor in (self._losses, self._counts, self._entropy, self._tokens):
+        for tensor in (self._losses, self._counts, self._entropy, self._tokens, self._shared_gate):
             tensor.zero_()
         losses, rest = flat[:4], flat[4:]
         num_layers = len(self._blocks)
         counts = rest[: num_layers * self.num_experts].view(num_layers, self.num_experts)
-        entropy, tokens = rest[num_layers * self.num_experts :].split(num_layers)
+        entropy, tokens, shared_gate = rest[num_layers * self.num_experts :].split(num_layers)
         if tokens.sum() == 0:
             return None
         self._run_counts += counts
@@ -253,6 +269,10 @@ class DefaultMoeCallback(TrainerCallback):
             "shares": (counts / counts.sum(-1, keepdim=True).clamp_min(1.0)).tolist(),
             "entropy": (entropy / tokens.clamp_min(1.0)).tolist(),
             "ema_norm": [block.default_outputs.ema.float().norm(dim=-1).mean().item() for block in self._blocks],
+            "shared_gate": [
+                (gate / count).item() if has else None
+                for gate, count, has in zip(shared_gate, tokens.clamp_min(1.0), self._has_shared, strict=True)
+            ],
         }
         if losses[3] > 0:
             window.update(
@@ -264,10 +284,12 @@ class DefaultMoeCallback(TrainerCallback):
 
     def _log_values(self, window: dict) -> dict[str, float]:
         values = {f"moe/{name}": window[name] for name in ("lm_loss", "aux_loss", "z_loss") if name in window}
-        for layer, shares, entropy, ema_norm in zip(
-            self._layers, window["shares"], window["entropy"], window["ema_norm"], strict=True
+        for layer, shares, entropy, ema_norm, shared_gate in zip(
+            self._layers, window["shares"], window["entropy"], window["ema_norm"], window["shared_gate"], strict=True
         ):
             prefix = f"moe/layer{layer}"
+            if shared_gate is not None:
+                values[f"{prefix}/shared_gate"] = shared_gate
             values[f"{prefix}/load_min"] = min(shares) * self.num_experts
             values[f"{prefix}/load_max"] = max(shares) * self.num_experts
             values[f"{prefix}/router_entropy"] = entropy
