@@ -21,17 +21,23 @@ from test_modeling_default_moe_distributed import torchrun
 from tiny_models import tiny_model
 from workers.transformers_parallel import global_batch, step
 
-JOBS = {
-    "tp2": dict(tp_size=2, tp_plan="auto"),
-    "tp2-ep2": dict(tp_size=2, tp_plan="auto", ep_size=2),
-    "fsdp2": dict(fsdp_size=2),
-    "fsdp2-ep2": dict(fsdp_size=2, ep_size=2),
+MODELS = {
+    "llama-style": dict(num_hidden_layers=3, num_dense_layers=1, router_aux_loss_coef=0.5, router_z_loss_coef=0.1),
+    "olmoe-style": dict(qk_norm="projection", router_z_loss_coef=0.1),
+    "qwen-style": dict(num_hidden_layers=3, dense_layers=[1], qk_norm="head", shared_expert_intermediate_size=16),
 }
-MODEL = dict(num_hidden_layers=3, num_dense_layers=1, router_aux_loss_coef=0.5, router_z_loss_coef=0.1)
+JOBS = {  # name: (model, DistributedConfig)
+    "tp2": ("llama-style", dict(tp_size=2, tp_plan="auto")),
+    "tp2-ep2": ("llama-style", dict(tp_size=2, tp_plan="auto", ep_size=2)),
+    "fsdp2": ("llama-style", dict(fsdp_size=2)),
+    "fsdp2-ep2": ("llama-style", dict(fsdp_size=2, ep_size=2)),
+    "olmoe-tp2": ("olmoe-style", dict(tp_size=2, tp_plan="auto")),
+    "qwen-tp2-ep2": ("qwen-style", dict(tp_size=2, tp_plan="auto", ep_size=2)),
+}
 
 
-def warm_model():
-    model = tiny_model(**MODEL)
+def warm_model(name="llama-style"):
+    model = tiny_model(**MODELS[name])
     for layer in model.model.layers:
         if layer.is_moe:
             torch.nn.init.normal_(layer.mlp.default_outputs.ema, std=0.5)
@@ -41,16 +47,18 @@ def warm_model():
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     folder = tmp_path_factory.mktemp("parallel")
-    warm_model().save_pretrained(folder / "ckpt")
-    jobs = [dict(name=name, distributed_config=config) for name, config in JOBS.items()]
-    torchrun("transformers_parallel.py", str(folder / "ckpt"), str(folder), json.dumps(jobs))
-    reference = step(warm_model(), global_batch())
-    return folder, reference
+    for name in MODELS:
+        warm_model(name).save_pretrained(folder / name)
+    jobs = [dict(name=job, checkpoint=model, distributed_config=config) for job, (model, config) in JOBS.items()]
+    torchrun("transformers_parallel.py", str(folder), str(folder), json.dumps(jobs))
+    references = {name: step(warm_model(name), global_batch()) for name in MODELS}
+    return folder, references
 
 
 @pytest.mark.parametrize("name", list(JOBS))
 def test_parallel_model_equals_one_process(runs, name):
-    folder, reference = runs
+    folder, references = runs
+    reference = references[JOBS[name][0]]
     ranks = [torch.load(folder / f"{name}-rank{rank}.pt") for rank in range(2)]
     if name == "fsdp2-ep2" and tuple(int(v) for v in transformers.__version__.split(".")[:2]) < (5, 23):
         # transformers 5.20-5.22's FSDP halves expert gradients under EP: the model refuses in one line.
@@ -58,7 +66,7 @@ def test_parallel_model_equals_one_process(runs, name):
         return
     if "ep2" in name:
         assert ranks[0]["local_experts"] == 2  # really split: 4 experts, 2 per rank
-    whole_batch = "tp2" in name  # one tensor-parallel group: both ranks hold the whole batch
+    whole_batch = "tp_size" in JOBS[name][1]  # one tensor-parallel group: both ranks hold the whole batch
     for rank, result in enumerate(ranks):
         logits = result["logits"] if whole_batch else torch.cat([r["logits"] for r in ranks])
         torch.testing.assert_close(logits, reference["logits"], atol=1e-5, rtol=1e-5)
@@ -74,11 +82,12 @@ def test_parallel_model_equals_one_process(runs, name):
             torch.testing.assert_close(result["emas"][key], ema, atol=1e-6, rtol=0, msg=f"rank {rank} {key}")
 
 
-@pytest.mark.parametrize("name", ["tp2", "tp2-ep2"])
+@pytest.mark.parametrize("name", ["tp2", "tp2-ep2", "qwen-tp2-ep2"])
 def test_parallel_model_saves_a_checkpoint_one_process_loads(runs, name):
-    folder, reference = runs
+    folder, references = runs
+    reference = references[JOBS[name][0]]
     reloaded = DefaultMoeForCausalLM.from_pretrained(folder / f"{name}-saved").eval()
-    expected = warm_model()
+    expected = warm_model(JOBS[name][0])
     for layer in expected.model.layers:
         if layer.is_moe:  # the EMA after the parallel training step, weights as they were (no optimizer step)
             layer.mlp.default_outputs.ema.copy_(

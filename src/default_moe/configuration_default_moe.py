@@ -117,14 +117,18 @@ class DefaultMoeConfig(PreTrainedConfig):
 
     @property
     def base_model_tp_plan(self) -> dict[str, str]:
-        """Tensor parallelism through transformers (`tp_plan="auto"`), as Mixtral (attention heads colwise/rowwise,
-        each expert's width split, partial expert outputs all-reduced) or, with `qk_norm` over the whole projection,
-        as OLMoE (q/k/v gathered for the norm)."""
-        if self.qk_norm:
+        """Tensor parallelism through transformers (`tp_plan="auto"`), as Mixtral: attention heads colwise/rowwise,
+        each expert's width split and the partial expert outputs all-reduced, the dense MLPs colwise/rowwise; the
+        router and the shared expert are replicated. With `qk_norm="projection"` q, k and v are gathered for the
+        norm over the whole projection (as OLMoE); with `qk_norm="head"` the per-head norm weights are replicated
+        and their gradients, each rank's from its own heads, all-reduced (as Qwen3-MoE)."""
+        if self.qk_norm == "projection":
             attention = {"q_proj": "colwise_gather_output", "k_proj": "colwise_gather_output"}
             attention |= {"v_proj": "colwise_gather_output", "o_proj": "rowwise_split_input"}
         else:
             attention = {"q_proj": "colwise", "k_proj": "colwise", "v_proj": "colwise", "o_proj": "rowwise"}
+        if self.qk_norm == "head":
+            attention |= {"q_norm": "replicated_with_grad_allreduce", "k_norm": "replicated_with_grad_allreduce"}
         plan = {f"layers.*.self_attn.{name}": style for name, style in attention.items()}
         plan |= {"layers.*.mlp.gate_proj": "colwise", "layers.*.mlp.up_proj": "colwise"}  # the dense layers
         plan |= {"layers.*.mlp.down_proj": "rowwise"}

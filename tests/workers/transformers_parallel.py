@@ -1,10 +1,11 @@
 """Worker for tests/test_modeling_default_moe_parallel.py: a Default MoE loaded with transformers' own tensor,
 expert and data parallelism (`from_pretrained(distributed_config=...)`) on 2 gloo CPU processes.
 
-Run under `torchrun --nproc_per_node 2` with FOLDER (a saved checkpoint), OUT and a JSON list of jobs
-{"name", "distributed_config"}. For each job, every rank takes its data-parallel share of `global_batch()` (the
-whole batch when the ranks form one tensor-parallel group), and saves to OUT/{name}-rank{r}.pt its eval logits, one
-training step's loss, full (gathered) gradients and EMA defaults after the backward; rank-collective
+Run under `torchrun --nproc_per_node 2` with FOLDER (saved checkpoints by name), OUT and a JSON list of jobs
+{"name", "checkpoint", "distributed_config"}. For each job, every rank takes its data-parallel share of
+`global_batch()` (the whole batch when the ranks form one tensor-parallel group), and saves to
+OUT/{name}-rank{r}.pt its eval logits, one training step's loss, full (gathered) gradients and EMA defaults after
+the backward; rank-collective
 `save_pretrained` then writes the parallel model to OUT/{name}-saved. A job the model refuses to load saves
 {"refused": message} instead.
 """
@@ -51,7 +52,9 @@ def main():
     for job in jobs:
         config = DistributedConfig(**job["distributed_config"])
         try:
-            model = DefaultMoeForCausalLM.from_pretrained(folder, distributed_config=config, dtype=torch.float32)
+            model = DefaultMoeForCausalLM.from_pretrained(
+                f"{folder}/{job['checkpoint']}", distributed_config=config, dtype=torch.float32
+            )
         except ValueError as error:  # a combination the running transformers cannot do right
             torch.save({"refused": str(error)}, f"{out_dir}/{job['name']}-rank{int(os.environ['RANK'])}.pt")
             continue
