@@ -179,9 +179,13 @@ def resolve_resume(args: argparse.Namespace, output_dir: Path):
 
     if args.resume == "latest":
         chosen, incomplete = scan_checkpoints(output_dir)
+        if chosen is None and incomplete:
+            raise FileNotFoundError(
+                f"--resume: no complete checkpoint-N folder in {output_dir} (incomplete: "
+                f"{describe_incomplete(incomplete)})"
+            )
         if chosen is None:
-            found = f" (incomplete: {describe_incomplete(incomplete)})" if incomplete else ""
-            raise FileNotFoundError(f"--resume: no complete checkpoint-N folder in {output_dir}{found}")
+            raise FileNotFoundError(f"--resume: no checkpoint-N folder in {output_dir}")
         return last_complete_checkpoint(output_dir, remove_incomplete=int(os.environ.get("RANK", "0")) == 0)
     if not Path(args.resume).is_dir():
         raise FileNotFoundError(f"--resume: checkpoint folder not found: {args.resume}")
