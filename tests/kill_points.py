@@ -39,6 +39,8 @@ class Command:
                 raise AssertionError(f"{self.name}: the kill point never came")
             time.sleep(0.0002)
         os.kill(self.process.pid, signal.SIGSTOP)
+        if self.process.poll() is not None:
+            raise AssertionError(f"{self.name} had exited ({self.process.returncode}) before the kill point")
 
     def go_on(self) -> None:
         os.kill(self.process.pid, signal.SIGCONT)

@@ -32,6 +32,8 @@ from transformers import TrainerCallback
 
 from default_moe.conversion.io import INDEX_NAME, SINGLE_NAME, ConversionError, SafetensorsFile
 
+from .callback import sum_over_ranks
+
 logger = logging.getLogger(__name__)
 
 TRAINER_STATE = "trainer_state.json"
@@ -115,7 +117,7 @@ def scan_checkpoints(output_dir: str | os.PathLike) -> tuple[Path | None, dict[P
 
 
 def describe_incomplete(incomplete: dict[Path, str]) -> str:
-    """ "checkpoint-7 (missing trainer_state.json), checkpoint-6 (truncated optimizer.pt)"."""
+    """One line for them all: `checkpoint-7 (missing trainer_state.json), checkpoint-6 (truncated optimizer.pt)`."""
     return ", ".join(f"{path.name} ({problems})" for path, problems in incomplete.items())
 
 
@@ -146,45 +148,48 @@ class PreemptionCallback(TrainerCallback):
     While `trainer.train()` runs, SIGTERM only sets a flag (the previous handler is back when training ends). At the
     next step end the Trainer saves `checkpoint-N` (skipping an evaluation due then, to save time) and stops; when
     the signal comes during a save, that checkpoint is the last one. The checkpoint holds the state after N steps, so
-    a run resumed from it repeats no step. Afterwards `signalled` says whether the signal came and `checkpoint` is the
-    last checkpoint saved. In multi-process runs the ranks agree on the flag (one small all-reduce per step), so
-    all stop at the same step even if only one got the signal.
+    a run resumed from it repeats no step. (transformers' own `enable_jit_checkpoint` saves inside a step, after the
+    forward has moved the EMA defaults, so a run resumed from that checkpoint is not the same.) Afterwards
+    `preempted()` says whether the signal came and `checkpoint` is the last checkpoint saved. In multi-process runs
+    the ranks agree on the flag (one small all-reduce per step), so all stop at the same step even if only one got
+    the signal.
 
         callback = PreemptionCallback()
         trainer.add_callback(callback)
         trainer.train(resume_from_checkpoint=last_complete_checkpoint(args.output_dir))
-        if callback.signalled:
+        if callback.preempted():
             sys.exit(f"stopped by SIGTERM; resume from {callback.checkpoint}")
     """
 
     def __init__(self):
-        self.signalled = False
         self.checkpoint: Path | None = None
+        self._received = False  # written by the signal handler only
+        self._agreed = False
         self._previous = None
 
     def on_train_begin(self, args, state, control, **kwargs):
-        self.signalled, self.checkpoint = False, None
+        self.checkpoint, self._received, self._agreed = None, False, False
         if threading.current_thread() is threading.main_thread():  # the only thread that may set signal handlers
             self._previous = signal.signal(signal.SIGTERM, self._note)
 
     def _note(self, signum, frame):
-        self.signalled = True
+        self._received = True
 
-    def _agreed(self) -> bool:
-        from .callback import sum_over_ranks
-
-        self.signalled = bool(sum_over_ranks(torch.tensor([float(self.signalled)])).item())
-        return self.signalled
+    def preempted(self) -> bool:
+        """Whether SIGTERM came during training, to any rank (all ranks must call this together)."""
+        if not self._agreed:  # once true it stays so; the handler may set `_received` at any moment
+            self._agreed = bool(sum_over_ranks(torch.tensor([float(self._received)])).item())
+        return self._agreed
 
     def on_step_end(self, args, state, control, **kwargs):
-        if self._agreed():
+        if self.preempted():
             control.should_save = True
             control.should_evaluate = False
             control.should_training_stop = True
 
     def on_save(self, args, state, control, **kwargs):
         self.checkpoint = Path(args.output_dir) / f"checkpoint-{state.global_step}"
-        if self._agreed():  # the signal came during this save (or the step before): this checkpoint is the one
+        if self.preempted():  # the signal came during this save (or the step before): this checkpoint is the one
             control.should_training_stop = True
 
     def on_train_end(self, args, state, control, **kwargs):

@@ -419,23 +419,24 @@ def run_training(
     if training_args.save_strategy != "no":  # then SIGTERM saves a checkpoint to resume from and stops
         preemption = PreemptionCallback()
         trainer.add_callback(preemption)
-    start = time.perf_counter()
     state = None
     if resume_from_checkpoint is not None:
         state = TrainerState.load_from_json(str(Path(resume_from_checkpoint) / "trainer_state.json"))
+    seconds = 0.0
     if state is not None and 0 < training_args.max_steps <= state.global_step:
         # Resumed at max_steps (a run killed after its last checkpoint), Trainer.train would still run one more step
         # (transformers 5.24): the training is done, so take the checkpoint's weights and state as they are.
         trainer._load_from_checkpoint(resume_from_checkpoint)
         trainer.state = state
     else:
+        start = time.perf_counter()
         try:
             trainer.train(resume_from_checkpoint=resume_from_checkpoint)
         finally:
             if preemption is not None:
                 preemption.restore()
-    seconds = time.perf_counter() - start
-    if preemption is not None and preemption.signalled:
+        seconds = time.perf_counter() - start
+    if preemption is not None and preemption.preempted():
         saved = f"checkpoint saved to {preemption.checkpoint}" if preemption.checkpoint else "no checkpoint saved"
         raise Preempted(f"stopped by SIGTERM after step {trainer.state.global_step}: {saved} (continue with --resume)")
     if run_data.eval is not None:
