@@ -1,6 +1,7 @@
 """Model cards: metadata parses back, parameter counts match real models, provenance, usage snippet, CLI and errors."""
 
 import json
+import logging
 import re
 
 import pytest
@@ -161,6 +162,16 @@ def test_card_replaces_existing_readme_and_keeps_it_on_error(folder):
     with pytest.raises(ValueError, match="cannot read .*training_summary.json"):
         write_model_card(folder)
     assert (folder / "README.md").read_text() == "old"
+
+
+def test_card_removes_the_temporary_file_of_a_killed_run(folder, capsys, caplog):
+    (folder / ".README.md.tmp-k1ll3d").write_text("half a card")  # what SIGKILL during `default-moe card` leaves
+    (folder / ".config.json.tmp-other").write_text("not ours")
+    with caplog.at_level(logging.WARNING):
+        assert cli.main(["card", str(folder)]) == 0
+    assert caplog.messages == [f"removed .README.md.tmp-k1ll3d in {folder}, left by an earlier interrupted run"]
+    assert sorted(p.name for p in folder.iterdir() if p.name.startswith(".")) == [".config.json.tmp-other"]
+    assert (folder / "README.md").read_text().startswith("---\n")
 
 
 @pytest.mark.parametrize(

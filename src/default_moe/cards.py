@@ -14,7 +14,6 @@ listed as is: `steps` (or `global_step`), `tokens` (or `num_tokens`, `tokens_see
 
 import json
 import os
-import tempfile
 from importlib import resources
 from pathlib import Path
 from string import Template
@@ -22,6 +21,7 @@ from string import Template
 from huggingface_hub import ModelCard, ModelCardData
 
 from .configuration_default_moe import DefaultMoeConfig
+from .conversion.io import atomic_write_text
 
 BASE_MODEL_RELATIONS = ("adapter", "merge", "quantized", "finetune")
 TAGS = ["default-moe", "moe", "mixture-of-experts", "custom_code", "text-generation"]
@@ -408,23 +408,6 @@ def write_model_card(
         title=title,
     )
     return atomic_write_text(folder / "README.md", str(card))
-
-
-def atomic_write_text(path: Path, text: str) -> Path:
-    """Write `text` to `path` through a temporary file in the same folder and an atomic rename."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
 
 
 # -- CLI ---------------------------------------------------------------------------------------------------------------

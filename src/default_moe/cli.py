@@ -2,13 +2,28 @@
 
 Each sub-command lives in its own module exposing `add_arguments(parser)` and `run(args)`; modules are imported
 only when their command runs, so `default-moe --help` stays fast. Errors print one line and exit non-zero
-(set DEFAULT_MOE_DEBUG=1 for the traceback).
+(set DEFAULT_MOE_DEBUG=1 for the traceback). SIGTERM ends a command like an error, after its cleanup has run
+(temporary files removed; `train` saves a checkpoint first), with exit status 143.
 """
 
 import argparse
 import importlib
 import os
+import signal
 import sys
+
+SIGTERM_EXIT = 128 + signal.SIGTERM  # what a shell reports for a process ended by SIGTERM
+
+
+class Terminated(BaseException):
+    """Raised by SIGTERM in the main thread. Python's default SIGTERM handling exits at once, running no `finally`
+    and no cleanup; as an exception (not an `Exception`, so nothing catches it by accident) the cleanup runs."""
+
+
+def _terminate(signum, frame):
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # once: a second SIGTERM must not interrupt the cleanup
+    raise Terminated
+
 
 COMMANDS = {
     "demo": ("default_moe.training.demo", "train tiny Default MoE and top-K models side by side, then generate"),
@@ -38,17 +53,23 @@ def build_parser(argv: list[str]) -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = build_parser(argv).parse_args(argv)
+    previous = signal.signal(signal.SIGTERM, _terminate)
     try:
         result = args._run(args)
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
         return 130
+    except Terminated:
+        print("error: terminated by SIGTERM", file=sys.stderr)
+        return SIGTERM_EXIT
     except Exception as error:  # one readable line instead of a traceback wall
         if os.environ.get("DEFAULT_MOE_DEBUG"):
             raise
         message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         print(f"error: {message}", file=sys.stderr)
-        return 1
+        return getattr(error, "exit_code", 1)  # e.g. 143 for a training run stopped by SIGTERM
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     return int(result or 0)
 
 

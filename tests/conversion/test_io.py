@@ -1,6 +1,9 @@
 """The streaming safetensors reader/writer against the safetensors library itself, and the CLI's happy path."""
 
 import json
+import logging
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -174,3 +177,46 @@ def test_progress_bar_counts_tensors(sources, tmp_path, capfd):
     err = capfd.readouterr().err
     # 2 layers x (2 norms + 4 attention + router + gate_up + down + ema) + embed + norm + lm_head = 23 tensors
     assert "converting: 100%" in err and "23/23" in err
+
+
+def test_a_run_removes_stale_temporaries_of_its_own_dst_only_and_not_a_live_one(sources, tmp_path, caplog):
+    """What killed runs into DST left (`.DST.tmp-*` writes, `.DST.old-*` replaced folders) goes, and is named; other
+    names and a temporary folder that a live process holds locked stay. The lock dies with its process."""
+    dst = tmp_path / "out"
+    stale = [tmp_path / ".out.tmp-dead", tmp_path / ".out.old-dead"]
+    others = [tmp_path / name for name in (".outer.tmp-1", ".other.tmp-2", ".out.tmpx", "out.tmp-3")]
+    for folder in stale + others:
+        folder.mkdir()
+        (folder / "model.safetensors").write_bytes(b"partial")
+    (tmp_path / ".out.tmp-file").write_bytes(b"partial")  # a temporary file, as atomic_output_file makes
+    live = tmp_path / ".out.tmp-live"
+    live.mkdir()
+    holder = subprocess.Popen(
+        [sys.executable, "-c", LOCK_AND_WAIT, str(live)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        with caplog.at_level(logging.WARNING):
+            assert main(["convert", str(sources["llama-sharded-fp32"].folder), str(dst), "--no-progress"]) == 0
+        removed = ".out.tmp-dead, .out.tmp-file, .out.old-dead"
+        assert caplog.messages == [f"removed {removed} in {tmp_path}, left by an earlier interrupted run"]
+        assert sorted(p.name for p in tmp_path.iterdir()) == sorted([dst.name, live.name, *(o.name for o in others)])
+        assert CheckpointReader(dst).names()
+    finally:
+        holder.communicate("", timeout=30)  # the holder exits, its lock with it
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        assert (
+            main(["convert", str(sources["llama-sharded-fp32"].folder), str(dst), "--overwrite", "--no-progress"]) == 0
+        )
+    assert caplog.messages == [f"removed .out.tmp-live in {tmp_path}, left by an earlier interrupted run"]
+
+
+# Holds an exclusive lock on a folder, as a run writing into it does, until its stdin closes.
+LOCK_AND_WAIT = """
+import fcntl, os, sys
+fd = os.open(sys.argv[1], os.O_RDONLY)
+fcntl.flock(fd, fcntl.LOCK_EX)
+print("locked", flush=True)
+sys.stdin.read()
+"""

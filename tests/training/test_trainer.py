@@ -1,7 +1,9 @@
-"""Trainer runs: resuming restores the EMA defaults exactly; presets, configs and the atomic final save."""
+"""Trainer runs: resuming after a crash or SIGTERM restores the EMA defaults exactly; presets, configs and the atomic
+final save."""
 
 import json
 import os
+import signal
 
 import pytest
 import torch
@@ -12,6 +14,7 @@ from conversion.sources import build_model, save_source
 from default_moe.conversion import convert
 from default_moe.training import cli as train_cli
 from default_moe.training import trainer as training
+from default_moe.training.checkpoints import Preempted
 from training.helpers import TINY_RUN, train_args
 
 
@@ -60,22 +63,52 @@ def converted_qwen3_moe(tmp_path_factory):
     return convert(root / "qwen3_moe", root / "converted", progress=False)
 
 
+class SigtermDuringStep(TrainerCallback):
+    """Preemption as a scheduler does it: a real SIGTERM to this process, arriving while step `step` runs."""
+
+    def __init__(self, step):
+        self.step = step
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        if state.global_step == self.step - 1:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+
+# (how the run is interrupted, the checkpoint it leaves): checkpoints every 3 steps; SIGTERM during step 4 saves one
+# at the end of step 4.
+INTERRUPTIONS = {
+    "crash": (Crash, CrashAfterCheckpoint(3), "checkpoint-3"),
+    "sigterm": (Preempted, SigtermDuringStep(4), "checkpoint-4"),
+}
+
+
+@pytest.mark.parametrize("interruption", sorted(INTERRUPTIONS))
 @pytest.mark.parametrize(
     ("model", "grad_accum"), [("micro", 1), ("micro", 2), ("qwen3_moe", 1)], ids=["micro", "micro-accum2", "qwen3_moe"]
 )
-def test_interrupted_run_plus_resume_equals_uninterrupted_run(tmp_path, request, model, grad_accum):
+def test_interrupted_run_plus_resume_equals_uninterrupted_run(tmp_path, request, model, grad_accum, interruption):
     """A fresh model (`--preset micro`), or fine-tuning a converted Qwen3-MoE checkpoint (`--model DIR`)."""
     source = ["--preset", "micro"] if model == "micro" else ["--model", request.getfixturevalue("converted_qwen3_moe")]
     run = [*TINY_RUN, *source, "--max-steps", "6", "--save-steps", "3", "--grad-accum", grad_accum]
     run += ["--lr", "3e-3", "--set", "default_ema_beta=0.5"]  # a fast-moving EMA makes a wrong restore visible
     straight = train_cli.train(train_args(*run, "--output-dir", tmp_path / "a"))
 
-    with pytest.raises(Crash):
-        train_cli.train(train_args(*run, "--output-dir", tmp_path / "b"), callbacks=[CrashAfterCheckpoint(3)])
-    assert (tmp_path / "b" / "checkpoint-3").is_dir() and not (tmp_path / "b" / "final").exists()
+    error, callback, checkpoint = INTERRUPTIONS[interruption]
+    with pytest.raises(error) as raised:
+        train_cli.train(train_args(*run, "--output-dir", tmp_path / "b"), callbacks=[callback])
+    assert (tmp_path / "b" / checkpoint).is_dir() and not (tmp_path / "b" / "final").exists()
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the run's SIGTERM handler is gone again
+    if interruption == "sigterm":  # saved at the step boundary after the signal, said so, and stopped there
+        saved = tmp_path / "b" / checkpoint
+        assert (
+            str(raised.value)
+            == f"stopped by SIGTERM after step 4: checkpoint saved to {saved} (continue with --resume)"
+        )
+        assert raised.value.exit_code == 143
+        assert sorted(p.name for p in (tmp_path / "b").glob("checkpoint-*")) == ["checkpoint-3", "checkpoint-4"]
     # The Trainer checkpoint holds the EMA defaults (persistent buffers are in the state dict), already trained.
-    ema_at_3, _ = _ema(tmp_path / "b" / "checkpoint-3")
-    assert len(ema_at_3) == 2 and all(v.abs().sum() > 0 for v in ema_at_3.values())
+    ema_at_stop, _ = _ema(tmp_path / "b" / checkpoint)
+    assert len(ema_at_stop) == 2 and all(v.abs().sum() > 0 for v in ema_at_stop.values())
 
     resumed = train_cli.train(train_args(*run, "--output-dir", tmp_path / "b", "--resume"))
     assert resumed.summary["steps"] == straight.summary["steps"] == 6
@@ -83,8 +116,9 @@ def test_interrupted_run_plus_resume_equals_uninterrupted_run(tmp_path, request,
     # Same per-step training losses after the restart, same final EMA, weights and validation loss. The runs do
     # the same fp32 CPU operations in the same order on the same data (the Trainer replays the sampler and skips
     # the batches already seen), so they agree to float32 rounding; the tolerance only absorbs that.
-    # (The resumed Trainer's history starts with the steps 1-3 restored from the checkpoint.)
-    assert sorted(_losses(straight.log_history)) == sorted(_losses(resumed.log_history)) == [1, 2, 3, 4, 5, 6]
+    # (The resumed Trainer's history starts with the steps restored from the checkpoint: each step once, none redone.)
+    assert [e["step"] for e in resumed.log_history if "loss" in e] == [1, 2, 3, 4, 5, 6]
+    assert [e["step"] for e in straight.log_history if "loss" in e] == [1, 2, 3, 4, 5, 6]
     assert _losses(resumed.log_history) == pytest.approx(_losses(straight.log_history), rel=1e-5)
     ema_a, weights_a = _ema(tmp_path / "a" / "final")
     ema_b, weights_b = _ema(tmp_path / "b" / "final")
@@ -92,7 +126,7 @@ def test_interrupted_run_plus_resume_equals_uninterrupted_run(tmp_path, request,
         torch.testing.assert_close(weights_b[key], weights_a[key], rtol=1e-5, atol=1e-6, msg=key)
     for key in ema_a:
         torch.testing.assert_close(ema_b[key], ema_a[key], rtol=1e-5, atol=1e-6, msg=key)
-        assert not torch.allclose(ema_a[key], ema_at_3[key])  # it kept moving after step 3
+        assert not torch.allclose(ema_a[key], ema_at_stop[key])  # it kept moving after the interruption
     losses_a, losses_b = straight.summary["final_losses"], resumed.summary["final_losses"]
     assert losses_b["eval_loss"] == pytest.approx(losses_a["eval_loss"], rel=1e-5)
 

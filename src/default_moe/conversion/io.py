@@ -8,23 +8,32 @@ Nothing here holds more than one tensor (plus its source pieces) in memory:
   name -> (file, dtype, shape) and checks the index, the shards and their sizes before anything is converted.
 - `CheckpointWriter` knows every output tensor's name, dtype and shape up front (`TensorPlan`), so it writes each
   shard's header first and then streams the tensors into it one by one.
-- `atomic_output_folder` writes into a temporary folder next to DST and renames it into place at the end.
+- `atomic_output_folder` writes into a temporary folder next to DST and renames it into place at the end;
+  `atomic_output_file` does the same for one file. Each first removes the temporaries that killed runs left for the
+  same DST (`remove_stale_temporaries`): a live writer holds a lock on its temporary, which dies with its process.
 """
 
 import contextlib
+import fcntl
+import glob
 import json
+import logging
 import math
 import os
 import re
 import shutil
+import signal
 import struct
 import tempfile
+import threading
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+
+logger = logging.getLogger(__name__)
 
 
 class ConversionError(ValueError):
@@ -354,27 +363,69 @@ def check_destination(src: Path | None, dst: Path, overwrite: bool) -> None:
         raise ConversionError(f"cannot write DST {dst}: {existing} is not writable")
 
 
-@contextlib.contextmanager
-def atomic_output_folder(dst: Path, overwrite: bool) -> Iterator[Path]:
-    """Yield a fresh temporary folder next to DST; on success it replaces DST, on any error it is removed."""
+def remove_stale_temporaries(dst: Path) -> list[Path]:
+    """Remove what killed runs left next to `dst`: `.DST.tmp-*` (a write in progress) and `.DST.old-*` (a replaced
+    DST being deleted), folders or files, unless a live writer holds their lock. Logs one line when it removed any."""
     dst = Path(dst)
-    created = []  # parents we create, removed again on failure
-    parent = dst.parent
-    while not parent.exists():
-        created.append(parent)
-        parent = parent.parent
+    removed = []
+    for pattern in (f".{glob.escape(dst.name)}.tmp-*", f".{glob.escape(dst.name)}.old-*"):
+        for path in sorted(dst.parent.glob(pattern)):
+            try:
+                lock = _lock(path)
+            except FileNotFoundError:  # removed meanwhile
+                continue
+            if lock is None:  # a live run is writing it
+                continue
+            try:
+                if path.is_dir():
+                    shutil.rmtree(path, ignore_errors=True)
+                else:
+                    path.unlink(missing_ok=True)
+            finally:
+                os.close(lock)
+            removed.append(path)
+    if removed:
+        names = ", ".join(path.name for path in removed)
+        logger.warning("removed %s in %s, left by an earlier interrupted run", names, dst.parent)
+    return removed
+
+
+def _lock(path: Path, wait: bool = False) -> int | None:
+    """An exclusive lock on `path` (folder or file), held until the returned descriptor is closed; None when another
+    process holds it (unless `wait`). The kernel drops the lock when its process dies, SIGKILL included: an unlocked
+    temporary is stale."""
+    fd = os.open(path, os.O_RDONLY)
     try:
-        dst.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.tmp-", dir=dst.parent))
-    except OSError as error:
-        _remove_empty(created)
-        raise ConversionError(f"cannot write DST {dst}: {error.strerror or error}") from error
+        fcntl.flock(fd, fcntl.LOCK_EX if wait else fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        return None
+    return fd
+
+
+@contextlib.contextmanager
+def sigterm_deferred() -> Iterator[None]:
+    """Hold back SIGTERM until the block has finished, then deliver it to the previous handler (keeps a pair of
+    renames in one piece). Signal handlers run in the main thread only; elsewhere this does nothing."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    received = []
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: received.append(signum))
     try:
-        yield tmp
-        os.chmod(tmp, 0o755)  # mkdtemp makes it 0700
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
+        if received:
+            signal.raise_signal(signal.SIGTERM)
+
+
+def replace_folder(tmp: Path, dst: Path) -> None:
+    """Rename the finished folder `tmp` to `dst`. An existing `dst` is moved aside first and deleted after; SIGTERM
+    cannot split the two renames, and the deletion of a large old `dst` runs after them."""
+    old = None
+    with sigterm_deferred():
         if dst.exists():
-            if any(dst.iterdir()) and not overwrite:  # re-check: someone may have written it meanwhile
-                raise ConversionError(f"DST {dst} exists and is not empty (pass --overwrite to replace it)")
             old = dst.parent / f".{dst.name}.old-{uuid.uuid4().hex[:8]}"
             os.rename(dst, old)
             try:
@@ -382,13 +433,79 @@ def atomic_output_folder(dst: Path, overwrite: bool) -> Iterator[Path]:
             except BaseException:
                 os.rename(old, dst)
                 raise
-            shutil.rmtree(old, ignore_errors=True)
         else:
             os.rename(tmp, dst)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def atomic_output_folder(dst: Path, overwrite: bool) -> Iterator[Path]:
+    """Yield a fresh temporary folder next to DST; on success it replaces DST, on any error (SIGTERM included, under
+    the `default-moe` command) it is removed. Temporaries of earlier killed runs into the same DST go first."""
+    dst = Path(dst)
+    created = []  # parents we create, removed again on failure
+    parent = dst.parent
+    while not parent.exists():
+        created.append(parent)
+        parent = parent.parent
+    tmp = lock = None
+    try:
+        try:
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            remove_stale_temporaries(dst)
+            with sigterm_deferred():  # no SIGTERM between creating the folder and knowing its name
+                tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.tmp-", dir=dst.parent))
+                lock = _lock(tmp, wait=True)  # marks it live for other runs' remove_stale_temporaries
+        except OSError as error:
+            raise ConversionError(f"cannot write DST {dst}: {error.strerror or error}") from error
+        yield tmp
+        os.chmod(tmp, 0o755)  # mkdtemp makes it 0700
+        if dst.exists() and any(dst.iterdir()) and not overwrite:  # re-check: someone may have written it meanwhile
+            raise ConversionError(f"DST {dst} exists and is not empty (pass --overwrite to replace it)")
+        replace_folder(tmp, dst)
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
         _remove_empty(created)
         raise
+    finally:
+        if lock is not None:
+            os.close(lock)
+
+
+@contextlib.contextmanager
+def atomic_output_file(path: Path) -> Iterator[Path]:
+    """Yield a temporary path next to `path` to write to; on success it replaces `path` (flushed to disk, one rename,
+    mode as for any new file), on any error it is removed. Temporaries of earlier killed runs go first."""
+    path = Path(path)
+    remove_stale_temporaries(path)
+    fd = tmp = None
+    try:
+        with sigterm_deferred():  # no SIGTERM between creating the file and knowing its name
+            fd, name = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
+            tmp = Path(name)
+            fcntl.flock(fd, fcntl.LOCK_EX)  # marks it live for other runs' remove_stale_temporaries
+        yield tmp
+        os.fsync(fd)  # the data the caller wrote through its own handle: same file
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes it 0600
+        os.replace(tmp, path)
+    except BaseException:
+        if tmp is not None:
+            tmp.unlink(missing_ok=True)
+        raise
+    finally:
+        if fd is not None:
+            os.close(fd)
+
+
+def atomic_write_text(path: Path, text: str) -> Path:
+    """Write `text` to `path` through `atomic_output_file`."""
+    with atomic_output_file(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+    return Path(path)
 
 
 def _remove_empty(folders: list[Path]) -> None:

@@ -58,6 +58,15 @@ def moe_blocks(model: torch.nn.Module) -> list[tuple[int, torch.nn.Module]]:
     return blocks
 
 
+def sum_over_ranks(tensor: torch.Tensor) -> torch.Tensor:
+    """`tensor` summed over the processes when `torch.distributed` is initialised (else as is), on the CPU."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        if torch.distributed.get_backend() == "nccl":
+            tensor = tensor.to(torch.device("cuda", torch.cuda.current_device()))
+        torch.distributed.all_reduce(tensor)
+    return tensor.cpu()
+
+
 def _causal_lm(model: torch.nn.Module) -> torch.nn.Module | None:
     for module in model.modules():
         if type(module).__name__.endswith("ForCausalLM") and hasattr(module, "config"):
@@ -249,13 +258,9 @@ class DefaultMoeCallback(TrainerCallback):
     # ----------------------------------------------------------------------------------------------- logic
     def _collect(self) -> dict | None:
         """The statistics of the window since the last log, summed over ranks; None if no training forward ran."""
-        flat = torch.cat([self._losses, self._counts.flatten(), self._entropy, self._tokens, self._shared_gate])
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            if torch.distributed.get_backend() == "nccl":
-                flat = flat.to(torch.device("cuda", torch.cuda.current_device()))
-            torch.distributed.all_reduce(flat)
-        flat = flat.cpu()
-        for tensor in (self._losses, self._counts, self._entropy, self._tokens, self._shared_gate):
+        tensors = (self._losses, self._counts, self._entropy, self._tokens, self._shared_gate)
+        flat = sum_over_ranks(torch.cat([tensor.flatten() for tensor in tensors]))
+        for tensor in tensors:
             tensor.zero_()
         losses, rest = flat[:4], flat[4:]
         num_layers = len(self._blocks)
@@ -358,10 +363,7 @@ class DefaultMoeCallback(TrainerCallback):
             axis.set_xlabel("step")
             axis.grid(alpha=0.3)
         fig.tight_layout()
-        path = output_dir / "moe_loss_curves.png"
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-        written.append(path)
+        written.append(save_png(fig, output_dir / "moe_loss_curves.png"))
 
         load = self.expert_load().numpy()
         fig, axis = plt.subplots(
@@ -376,11 +378,20 @@ class DefaultMoeCallback(TrainerCallback):
         axis.set_title("expert load (share x num_experts; 1 = balanced)")
         fig.colorbar(image, ax=axis)
         fig.tight_layout()
-        path = output_dir / "moe_expert_load.png"
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-        written.append(path)
+        written.append(save_png(fig, output_dir / "moe_expert_load.png"))
         return written
+
+
+def save_png(fig, path: Path) -> Path:
+    """Save and close a matplotlib figure, atomically: a kill leaves the old file or none, never half a PNG."""
+    import matplotlib.pyplot as plt
+
+    from default_moe.conversion.io import atomic_output_file
+
+    with atomic_output_file(path) as tmp:
+        fig.savefig(tmp, dpi=110, format="png")
+    plt.close(fig)
+    return path
 
 
 __all__ = ["DefaultMoeCallback", "moe_blocks"]

@@ -5,8 +5,9 @@ from); `--set KEY=VALUE` changes config fields. Data: `--data FILE...` (.txt: on
 object per line with a "text" field), `--dataset NAME` (a `datasets` name; needs the package and the network) or,
 by default, the built-in corpus (the Python standard library's source files). Any `TrainingArguments` field is
 reachable with `--training-arg KEY=VALUE`. Checkpoints go to OUTPUT_DIR/checkpoint-N, the final model to
-OUTPUT_DIR/final (written atomically). Multi-process: `accelerate launch [--cpu] --num_processes N -m default_moe.cli
-train ...`.
+OUTPUT_DIR/final (written atomically). SIGTERM saves a checkpoint at the next step and exits with status 143;
+`--resume` continues from the newest complete checkpoint. Multi-process: `accelerate launch [--cpu] --num_processes N
+-m default_moe.cli train ...`.
 """
 
 from __future__ import annotations
@@ -84,7 +85,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_trainer_arguments(parser)
     group = parser.add_argument_group("run")
     group.add_argument(
-        "--resume", nargs="?", const="latest", metavar="CHECKPOINT", help="resume from a checkpoint (default: latest)"
+        "--resume",
+        nargs="?",
+        const="latest",
+        metavar="CHECKPOINT",
+        help="resume from a checkpoint (default: the newest complete one in OUTPUT_DIR)",
     )
     group.add_argument("--overwrite", action="store_true", help="replace an existing OUTPUT_DIR/final")
     group.add_argument("--no-monitor", action="store_true", help="do not attach DefaultMoeCallback")
@@ -165,17 +170,28 @@ def model_overrides(args: argparse.Namespace) -> dict:
 
 
 def resolve_resume(args: argparse.Namespace, output_dir: Path):
+    """The checkpoint to resume from: `--resume PATH` if it is complete, `--resume` alone the newest complete
+    checkpoint-N in OUTPUT_DIR. The newer, incomplete ones (a run killed while saving) are removed on the main process,
+    since the resumed run writes those steps again, and named in one line."""
     if not args.resume:
         return None
-    from transformers.trainer_utils import get_last_checkpoint
+    from .checkpoints import checkpoint_problems, describe_incomplete, last_complete_checkpoint, scan_checkpoints
 
     if args.resume == "latest":
-        last = get_last_checkpoint(str(output_dir)) if output_dir.is_dir() else None
-        if last is None:
+        chosen, incomplete = scan_checkpoints(output_dir)
+        if chosen is None and incomplete:
+            raise FileNotFoundError(
+                f"--resume: no complete checkpoint-N folder in {output_dir} (incomplete: "
+                f"{describe_incomplete(incomplete)})"
+            )
+        if chosen is None:
             raise FileNotFoundError(f"--resume: no checkpoint-N folder in {output_dir}")
-        return last
+        return last_complete_checkpoint(output_dir, remove_incomplete=int(os.environ.get("RANK", "0")) == 0)
     if not Path(args.resume).is_dir():
         raise FileNotFoundError(f"--resume: checkpoint folder not found: {args.resume}")
+    problems = checkpoint_problems(args.resume)
+    if problems:
+        raise ValueError(f"--resume: {args.resume} is not a complete Trainer checkpoint ({problems})")
     return args.resume
 
 

@@ -21,6 +21,10 @@ from pathlib import Path
 import torch
 from transformers import TrainerCallback
 
+from default_moe.conversion.io import atomic_output_file, atomic_write_text
+
+from .callback import save_png
+
 ROUTINGS = ("default", "topk")
 
 
@@ -108,7 +112,9 @@ def run_pair(
         )
         if args.process_index == 0:
             Path(args.output_dir).mkdir(parents=True, exist_ok=True)
-            (Path(args.output_dir) / "log_history.json").write_text(json.dumps(result.log_history, indent=1) + "\n")
+            atomic_write_text(
+                Path(args.output_dir) / "log_history.json", json.dumps(result.log_history, indent=1) + "\n"
+            )
         history = result.callback.history if result.callback else []
         eval_curve = [(e["step"], e["eval_loss"]) for e in result.log_history if "eval_loss" in e]
         train_curve = [(w["step"], w["lm_loss"]) for w in history if "lm_loss" in w]
@@ -184,7 +190,7 @@ def text_table(rows: list[dict]) -> str:
 
 def write_csv(records: list[RunRecord], path: Path) -> Path:
     fields = ["routing", "seed", "eval_loss", "train_lm_loss", "tokens_per_second", "train_seconds", "steps", "tokens"]
-    with open(path, "w", newline="") as handle:
+    with atomic_output_file(path) as tmp, open(tmp, "w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=fields)
         writer.writeheader()
         for r in records:
@@ -217,9 +223,7 @@ def plot_losses(records: list[RunRecord], path: Path, title: str = "Default MoE 
         axis.legend(fontsize=8)
     fig.suptitle(title)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_png(fig, path)
 
 
 def _smooth(values: list[float], weight: float = 0.8) -> list[float]:
@@ -233,9 +237,9 @@ def _smooth(values: list[float], weight: float = 0.8) -> list[float]:
 def write_reports(records: list[RunRecord], output_dir: Path, title: str) -> dict[str, Path]:
     rows = summary_rows(records)
     md = output_dir / "comparison.md"
-    md.write_text(f"# {title}\n\n{markdown_table(rows)}\n\nPer run: comparison.csv. Curves: comparison_loss.png.\n")
+    text = f"# {title}\n\n{markdown_table(rows)}\n\nPer run: comparison.csv. Curves: comparison_loss.png.\n"
     return {
-        "markdown": md,
+        "markdown": atomic_write_text(md, text),
         "csv": write_csv(records, output_dir / "comparison.csv"),
         "plot": plot_losses(records, output_dir / "comparison_loss.png", title),
     }

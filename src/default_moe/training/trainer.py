@@ -17,6 +17,8 @@ from pathlib import Path
 
 import torch
 
+from default_moe.conversion.io import atomic_output_file, remove_stale_temporaries, replace_folder
+
 from .data import (
     DataError,
     PackedDataset,
@@ -269,7 +271,8 @@ def save_final(
     is_main: bool = True,
     barrier=None,
 ) -> Path | None:
-    """Write `output_dir/final` atomically: everything goes to a temporary sibling folder first, then one rename.
+    """Write `output_dir/final` atomically: everything goes to a temporary sibling folder first, then one rename
+    (`replace_folder`). A kill leaves the previous `final` or none; the next save removes what the killed one left.
 
     `write_files(folder)` writes the weights (with the EMA defaults), config with `auto_map`, both model code files
     and the tokenizer; then come `training_summary.json` and, when `default_moe.cards` is available, the README model
@@ -279,14 +282,14 @@ def save_final(
     """
     output_dir = Path(output_dir)
     final = output_dir / FINAL
-    staging = output_dir / ".final-tmp"  # one fixed name, so that all ranks agree on it
+    staging = output_dir / f".{FINAL}.tmp-staging"  # one fixed name, so that all ranks agree on it
     barrier = barrier or (lambda: None)
-    if is_main:
-        output_dir.mkdir(parents=True, exist_ok=True)
-        shutil.rmtree(staging, ignore_errors=True)  # left over from a crashed save
-        staging.mkdir()
-    barrier()
     try:
+        if is_main:
+            output_dir.mkdir(parents=True, exist_ok=True)
+            remove_stale_temporaries(final)  # what a killed save left (this staging folder too)
+            staging.mkdir()
+        barrier()
         write_files(staging)
         barrier()
         if not is_main:
@@ -299,13 +302,7 @@ def save_final(
         (staging / "training_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
         if write_card:
             write_model_card_if_available(staging, title=output_dir.resolve().name)
-        if final.exists():
-            trash = Path(tempfile.mkdtemp(dir=output_dir, prefix=".final-old-"))
-            os.replace(final, trash / FINAL)
-            os.replace(staging, final)
-            shutil.rmtree(trash, ignore_errors=True)
-        else:
-            os.replace(staging, final)
+        replace_folder(staging, final)
     except BaseException:
         if is_main:
             shutil.rmtree(staging, ignore_errors=True)
@@ -388,14 +385,18 @@ def run_training(
     training_args,
     callbacks: list | None = None,
     monitor: bool = True,
-    resume_from_checkpoint: str | bool | None = None,
+    resume_from_checkpoint: str | None = None,
     save: bool = True,
     summary_extra: dict | None = None,
 ) -> RunResult:
-    """Train with `transformers.Trainer` and (on the main process) save `output_dir/final` atomically."""
-    from transformers import Trainer, default_data_collator
+    """Train with `transformers.Trainer` and (on the main process) save `output_dir/final` atomically.
+
+    When checkpoints are on, SIGTERM saves one at the next step boundary and raises `Preempted` (no final save).
+    """
+    from transformers import Trainer, TrainerState, default_data_collator
 
     from .callback import DefaultMoeCallback
+    from .checkpoints import Preempted, PreemptionCallback
 
     set_special_tokens(model, run_data.tokenizer)
     trainer = Trainer(
@@ -414,9 +415,30 @@ def run_training(
             monitor_callback.install(trainer)  # before the reporters, so they see its values
         else:
             trainer.add_callback(monitor_callback)  # after the console printer: keep the console readable
-    start = time.perf_counter()
-    trainer.train(resume_from_checkpoint=resume_from_checkpoint)
-    seconds = time.perf_counter() - start
+    preemption = None
+    if training_args.save_strategy != "no":  # then SIGTERM saves a checkpoint to resume from and stops
+        preemption = PreemptionCallback()
+        trainer.add_callback(preemption)
+    state = None
+    if resume_from_checkpoint is not None:
+        state = TrainerState.load_from_json(str(Path(resume_from_checkpoint) / "trainer_state.json"))
+    seconds = 0.0
+    if state is not None and 0 < training_args.max_steps <= state.global_step:
+        # Resumed at max_steps (a run killed after its last checkpoint), Trainer.train would still run one more step
+        # (transformers 5.24): the training is done, so take the checkpoint's weights and state as they are.
+        trainer._load_from_checkpoint(resume_from_checkpoint)
+        trainer.state = state
+    else:
+        start = time.perf_counter()
+        try:
+            trainer.train(resume_from_checkpoint=resume_from_checkpoint)
+        finally:
+            if preemption is not None:
+                preemption.restore()
+        seconds = time.perf_counter() - start
+    if preemption is not None and preemption.preempted():
+        saved = f"checkpoint saved to {preemption.checkpoint}" if preemption.checkpoint else "no checkpoint saved"
+        raise Preempted(f"stopped by SIGTERM after step {trainer.state.global_step}: {saved} (continue with --resume)")
     if run_data.eval is not None:
         last_eval_step = max((e["step"] for e in trainer.state.log_history if "eval_loss" in e), default=-1)
         if last_eval_step != trainer.state.global_step:
@@ -446,7 +468,8 @@ def dump_ema(model, folder: str | os.PathLike, rank: int) -> Path:
     }
     path = Path(folder) / f"ema_rank{rank}.safetensors"
     path.parent.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, str(path))
+    with atomic_output_file(path) as tmp:
+        save_file(tensors, str(tmp))
     return path
 
 
