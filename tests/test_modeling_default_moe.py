@@ -390,3 +390,25 @@ def test_router_gradient_is_closer_to_dense_straight_through_than_top_k(top_k, m
     cos_default = torch.stack([F.cosine_similarity(g, d, dim=0) for g, d in zip(default_grads, dense_grads)])
     cos_topk = torch.stack([F.cosine_similarity(g, d, dim=0) for g, d in zip(topk_grads, dense_grads)])
     assert cos_default.mean() > cos_topk.mean() + 0.05, (cos_default, cos_topk)
+
+
+@pytest.mark.parametrize("implementation", ["eager", "grouped_mm", "batched_mm"])
+def test_experts_implementation_is_chosen_as_for_transformers_models(tmp_path, implementation):
+    """`from_pretrained(experts_implementation=...)` and `set_experts_implementation(...)` pick the experts kernel;
+    every choice computes the same model, in training (EMA included) and in eval."""
+    model = trained_tiny_model()
+    model.save_pretrained(tmp_path)
+    loaded = DefaultMoeForCausalLM.from_pretrained(tmp_path, experts_implementation=implementation)
+    assert loaded.config._experts_implementation == implementation
+    ids = random_ids()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.eval()(ids).logits, model(ids).logits, atol=1e-5, rtol=1e-5)
+    loaded.set_experts_implementation("grouped_mm" if implementation != "grouped_mm" else "batched_mm")
+    assert loaded.config._experts_implementation != implementation
+    reference = DefaultMoeForCausalLM.from_pretrained(tmp_path, experts_implementation=implementation).train()
+    for candidate in (loaded.train(), reference):
+        candidate(ids, labels=ids).loss.backward()
+    for a, b in zip(emas(loaded), emas(reference)):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+    for (name, p), q in zip(loaded.named_parameters(), reference.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, atol=1e-6, rtol=1e-5, msg=name)
