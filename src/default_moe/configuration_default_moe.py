@@ -115,11 +115,11 @@ class DefaultMoeConfig(PreTrainedConfig):
     default_in_inference: bool = True
     all_reduce_router_stats: bool = True
 
-    @property
-    def base_model_tp_plan(self) -> dict[str, str]:
-        """Tensor parallelism through transformers (`tp_plan="auto"`), as Mixtral: attention heads colwise/rowwise,
-        each expert's width split and the partial expert outputs all-reduced, the dense MLPs colwise/rowwise; the
-        router and the shared expert are replicated. With `qk_norm="projection"` q, k and v are gathered for the
+    def _tensor_parallel_plan(self) -> dict[str, str]:
+        """`base_model_tp_plan`, set per config in `__post_init__` (transformers reads it from the instance, never
+        saves it, and 5.20 adds the tied embedding's rule to it there): tensor parallelism through transformers
+        (`tp_plan="auto"`), as Mixtral: attention heads colwise/rowwise, each expert's width split and the partial
+        expert outputs all-reduced, the dense MLPs colwise/rowwise; the router and the shared expert are replicated. With `qk_norm="projection"` q, k and v are gathered for the
         norm over the whole projection (as OLMoE); with `qk_norm="head"` the per-head norm weights are replicated
         and their gradients, each rank's from its own heads, all-reduced (as Qwen3-MoE)."""
         if self.qk_norm == "projection":
@@ -146,6 +146,7 @@ class DefaultMoeConfig(PreTrainedConfig):
         if self.qk_norm is True:  # written before qk_norm="head" existed
             self.qk_norm = "projection"
         self._check_fields()
+        self.base_model_tp_plan = self._tensor_parallel_plan()
         super().__post_init__(**kwargs)
 
     @property
