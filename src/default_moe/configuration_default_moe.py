@@ -119,9 +119,10 @@ class DefaultMoeConfig(PreTrainedConfig):
         """`base_model_tp_plan`, set per config in `__post_init__` (transformers reads it from the instance, never
         saves it, and 5.20 adds the tied embedding's rule to it there): tensor parallelism through transformers
         (`tp_plan="auto"`), as Mixtral: attention heads colwise/rowwise, each expert's width split and the partial
-        expert outputs all-reduced, the dense MLPs colwise/rowwise; the router and the shared expert are replicated. With `qk_norm="projection"` q, k and v are gathered for the
-        norm over the whole projection (as OLMoE); with `qk_norm="head"` the per-head norm weights are replicated
-        and their gradients, each rank's from its own heads, all-reduced (as Qwen3-MoE)."""
+        expert outputs all-reduced, the dense MLPs colwise/rowwise; the router and the shared expert are replicated.
+        With `qk_norm="projection"` q, k and v are gathered for the norm over the whole projection (as OLMoE); with
+        `qk_norm="head"` the per-head norm weights are replicated and their gradients, each rank's from its own
+        heads, all-reduced (as Qwen3-MoE)."""
         if self.qk_norm == "projection":
             attention = {"q_proj": "colwise_gather_output", "k_proj": "colwise_gather_output"}
             attention |= {"v_proj": "colwise_gather_output", "o_proj": "rowwise_split_input"}
