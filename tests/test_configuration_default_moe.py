@@ -13,6 +13,8 @@ def test_defaults_follow_the_paper():
     assert config.default_ema_weighting == "mean"
     assert config.default_ema_update == "before_use"
     assert config.default_in_inference is True
+    assert config.default_term == "forward"
+    assert config.default_ema_source == "routed"
     assert config.all_reduce_router_stats is True
     assert config.norm_topk_prob is False
     assert config.router_aux_loss_coef == 0.01
@@ -76,6 +78,9 @@ def test_per_layer_fields_and_their_shorthands():
         (dict(norm_placement="sandwich"), "norm_placement", "'pre', 'post'"),
         (dict(default_ema_weighting="median"), "default_ema_weighting", "'mean', 'router_prob'"),
         (dict(default_ema_update="later"), "default_ema_update", "'before_use', 'after_use'"),
+        (dict(default_term="backward"), "default_term", "'forward', 'gradient'"),
+        (dict(default_ema_source="all"), "default_ema_source", "'routed', 'unrouted'"),
+        (dict(default_probe_stride=0), "default_probe_stride", "positive integer"),
         (dict(hidden_size=100, num_attention_heads=16), "num_attention_heads", "divisor of hidden_size=100"),
         (dict(num_attention_heads=16, num_key_value_heads=5), "num_key_value_heads", "divisor of num_attention"),
         (dict(num_experts=0), "num_experts", "positive integer"),

@@ -15,7 +15,7 @@ from transformers.models.qwen3_moe.configuration_qwen3_moe import Qwen3MoeConfig
 from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeSparseMoeBlock
 
 from default_moe.modeling_default_moe import DefaultMoeSparseMoeBlock
-from tiny_models import tiny_config
+from tiny_models import random_ids, tiny_config, tiny_model
 
 ATOL = 1e-5
 RTOL = 1e-5
@@ -41,6 +41,9 @@ def reference_block(block, x_TH, ema_EH, training):
         gate, up = (w_gate_up[i] @ x_H).chunk(2)
         return w_down[i] @ (F.silu(gate) * up)
 
+    def score(t, i):
+        return probs[t, i].detach() if config.default_ema_weighting == "router_prob" else 1.0
+
     probs = torch.softmax((x_TH @ w_router.T).float(), dim=-1)
     selections, outputs = [], []
     sums = torch.zeros(num_experts, x_TH.shape[1])
@@ -50,9 +53,18 @@ def reference_block(block, x_TH, ema_EH, training):
         selections.append(selected)
         outputs.append({i: expert(i, x_TH[t]) for i in selected})
         for i in selected:
-            score = probs[t, i].detach() if config.default_ema_weighting == "router_prob" else 1.0
-            sums[i] += score * outputs[t][i].detach()
-            score_sums[i] += score
+            if config.default_ema_source == "routed":
+                sums[i] += score(t, i) * outputs[t][i].detach()
+                score_sums[i] += score(t, i)
+    if config.default_ema_source == "unrouted":
+        # One token in `default_probe_stride`, evenly spaced from an offset of (sum of the selected ids) mod stride;
+        # each probed token's output from every expert it did *not* select.
+        num_tokens, stride = x_TH.shape[0], config.default_probe_stride
+        offset = sum(map(sum, selections)) % stride
+        for t in [(p * stride + offset) % num_tokens for p in range(max(1, num_tokens // stride))]:
+            for i in set(range(num_experts)) - set(selections[t]):
+                sums[i] += score(t, i) * expert(i, x_TH[t]).detach()
+                score_sums[i] += score(t, i)
 
     new_ema = ema_EH.clone()
     if training and config.routing == "default":
@@ -74,7 +86,10 @@ def reference_block(block, x_TH, ema_EH, training):
         if config.norm_topk_prob:
             weights = weights / weights.sum()
         y = sum(w * outputs[t][i] for w, i in zip(weights, selected))
-        y = y + sum(probs[t, i] * used[i] for i in range(num_experts) if i not in selected)
+        default = sum(probs[t, i] * used[i] for i in range(num_experts) if i not in selected)
+        if config.default_term == "gradient":  # in the router gradient only
+            default = default - default.detach()
+        y = y + default
         if block.shared_expert is not None:
             shared = block.shared_expert
             x_H = x_TH[t]
@@ -94,6 +109,17 @@ LAYER_CONFIGS = [
     dict(num_experts=4, num_experts_per_tok=2, default_in_inference=False),
     dict(num_experts=4, num_experts_per_tok=2, shared_expert_intermediate_size=20),
     dict(num_experts=4, num_experts_per_tok=1, shared_expert_intermediate_size=8, default_ema_weighting="router_prob"),
+    dict(num_experts=4, num_experts_per_tok=1, default_term="gradient"),
+    dict(num_experts=4, num_experts_per_tok=2, default_term="gradient", default_ema_update="after_use"),
+    dict(num_experts=4, num_experts_per_tok=1, default_ema_source="unrouted", default_probe_stride=3),
+    dict(num_experts=6, num_experts_per_tok=2, default_ema_source="unrouted", default_ema_weighting="router_prob"),
+    dict(
+        num_experts=4,
+        num_experts_per_tok=2,
+        default_term="gradient",
+        default_ema_source="unrouted",
+        default_probe_stride=4,
+    ),
 ]
 
 
@@ -316,3 +342,41 @@ def test_experts_follow_the_transformers_experts_interface(implementation):
     engine_experts.load_state_dict(block.experts.state_dict())
     block.experts = engine_experts
     torch.testing.assert_close(block(x), expected, atol=ATOL, rtol=RTOL)
+
+
+def test_gradient_only_defaults_forward_is_exactly_top_k_and_router_gradient_is_not():
+    """default_term="gradient": the logits are bit-identical to routing="topk" with the same weights (so the trained
+    model exports to Mixtral/OLMoE with no loss), in training and eval; only the router gradients differ."""
+    ids = random_ids()
+    models = {}
+    for routing, term in (("topk", "forward"), ("default", "gradient")):
+        models[term] = tiny_model(routing=routing, default_term=term, default_ema_update="after_use")
+        for layer in models[term].model.layers:
+            torch.nn.init.normal_(layer.mlp.default_outputs.ema, generator=torch.Generator().manual_seed(3))
+    for training in (True, False):
+        grads = {}
+        for term, model in models.items():
+            model.train(training).zero_grad()
+            out = model(ids, labels=ids)
+            out.loss.backward()
+            grads[term] = (out.logits, [layer.mlp.gate.weight.grad for layer in model.model.layers])
+        assert torch.equal(grads["forward"][0], grads["gradient"][0])
+        for topk_grad, gradient_only_grad in zip(grads["forward"][1], grads["gradient"][1], strict=True):
+            assert (topk_grad - gradient_only_grad).abs().max() > 1e-4
+    with torch.no_grad():
+        assert torch.equal(models["forward"](ids).logits, models["gradient"](ids).logits)
+
+
+def test_unrouted_defaults_come_from_tokens_not_routed_to_the_expert():
+    """default_ema_source="unrouted" with every token probed (stride 1), top-1 and beta 0: D_i is the mean of expert i
+    over exactly the tokens that did not pick it."""
+    block = make_block(num_experts=4, num_experts_per_tok=1, default_ema_beta=0.0, default_ema_source="unrouted")
+    block.config.default_probe_stride = 1
+    x_TH = torch.randn(12, 32)
+    block.train()(x_TH.view(1, 12, 32)).sum().backward()
+    with torch.no_grad():
+        selected_T = block.gate(x_TH)[3][:, 0]
+        for i in range(4):
+            others = x_TH[selected_T != i]
+            expected = block.experts(others, torch.full((len(others), 1), i)).mean((0, 1))
+            torch.testing.assert_close(block.default_outputs.ema[i], expected, atol=ATOL, rtol=RTOL)

@@ -8,6 +8,8 @@ from transformers.configuration_utils import PreTrainedConfig
 ROUTINGS = ("default", "topk")
 EMA_WEIGHTINGS = ("mean", "router_prob")
 EMA_UPDATES = ("before_use", "after_use")
+DEFAULT_TERMS = ("forward", "gradient")
+EMA_SOURCES = ("routed", "unrouted")
 NORM_PLACEMENTS = ("pre", "post")
 QK_NORMS = (False, "projection", "head")
 LAYER_TYPES = ("full_attention", "sliding_attention")
@@ -53,7 +55,17 @@ class DefaultMoeConfig(PreTrainedConfig):
             (each routed token weighted by its router probability, the paper's final variant).
         default_ema_update (`str`): `"before_use"` (the paper: update with this batch, then use) or `"after_use"`
             (strictly causal: use the previous defaults, then update).
-        default_in_inference (`bool`): whether eval-mode forwards add the defaults.
+        default_term (`str`): `"forward"` (the paper) adds `sum p_i D_i` to the output; `"gradient"` adds it to the
+            router gradient only: the forward is exactly top-K (a trained model exports to Mixtral/OLMoE unchanged)
+            while the router still gets `<dL/dy, D_i>` for every unselected expert.
+        default_ema_source (`str`): which tokens an expert's default is the EMA of. `"routed"` (the paper): its
+            outputs on the tokens routed to it. `"unrouted"`: its outputs on tokens *not* routed to it, which is what
+            the default stands in for (an expert's output on its own tokens overshoots the rest when experts
+            specialise): every `default_probe_stride`-th token of a training forward also runs through the experts it
+            did not pick, without gradient, for the EMA only.
+        default_probe_stride (`int`): one probed token per this many tokens with `default_ema_source="unrouted"`;
+            extra expert compute ~ num_experts / (3 * num_experts_per_tok * stride) of the experts' training cost.
+        default_in_inference (`bool`): whether eval-mode forwards add the defaults (with `default_term="forward"`).
         all_reduce_router_stats (`bool`): all-reduce the per-expert EMA statistics and load-balancing token counts
             across data-parallel ranks when `torch.distributed` is initialised (training mode only).
     """
@@ -112,6 +124,9 @@ class DefaultMoeConfig(PreTrainedConfig):
     default_ema_beta: float = 0.9
     default_ema_weighting: str = "mean"
     default_ema_update: str = "before_use"
+    default_term: str = "forward"
+    default_ema_source: str = "routed"
+    default_probe_stride: int = 64
     default_in_inference: bool = True
     all_reduce_router_stats: bool = True
 
@@ -171,6 +186,7 @@ class DefaultMoeConfig(PreTrainedConfig):
             "num_experts_per_tok",
             "max_position_embeddings",
             "dense_intermediate_size",
+            "default_probe_stride",
         ):
             value = getattr(self, field)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
@@ -191,6 +207,10 @@ class DefaultMoeConfig(PreTrainedConfig):
             fail("default_ema_weighting", f"one of {EMA_WEIGHTINGS}")
         if self.default_ema_update not in EMA_UPDATES:
             fail("default_ema_update", f"one of {EMA_UPDATES}")
+        if self.default_term not in DEFAULT_TERMS:
+            fail("default_term", f"one of {DEFAULT_TERMS}")
+        if self.default_ema_source not in EMA_SOURCES:
+            fail("default_ema_source", f"one of {EMA_SOURCES}")
         if not 0.0 <= self.default_ema_beta < 1.0:
             fail("default_ema_beta", "a number in [0, 1)")
         for field in ("router_aux_loss_coef", "router_z_loss_coef", "router_jitter_noise", "attention_dropout"):

@@ -403,27 +403,31 @@ class DefaultMoeSparseMoeBlock(nn.Module):
             hidden_states = hidden_states * noise
         x_TH = hidden_states.reshape(-1, hidden_size)
         router_logits_TE, probs_TE, top_k_weights_TK, top_k_index_TK = self.gate(x_TH)
+        gradient_only = config.default_term == "gradient"
 
         if self.training:  # the EMA statistics need every pair's unweighted output
             expert_out_TKH = self._pair_outputs(x_TH, top_k_index_TK)
             # sum_k w_k E_k(x): the standard sparse top-K output.
             out_TH = torch.einsum("tkh,tk->th", expert_out_TKH.float(), top_k_weights_TK)
             defaults_EH, counts_E, ema_update = self._training_statistics(
-                probs_TE, top_k_index_TK, expert_out_TKH, token_mask
+                x_TH, probs_TE, top_k_index_TK, expert_out_TKH, token_mask
             )
             if ema_update is not None:
                 self._commit_when_trained(ema_update, anchors=(probs_TE, expert_out_TKH))
         else:  # no EMA update; the counts only feed the router losses
             out_TH = self.experts(x_TH, top_k_index_TK, top_k_weights_TK).float()
-            use_defaults = config.routing == "default" and config.default_in_inference
+            use_defaults = config.routing == "default" and (config.default_in_inference or gradient_only)
             defaults_EH = self.default_outputs.ema if use_defaults else None
             counts_E = self._routed_counts(top_k_index_TK, token_mask)[:, 0] if return_router_losses else None
 
-        if defaults_EH is not None:
+        if defaults_EH is not None and (torch.is_grad_enabled() or not gradient_only):
             # sum_{i not in topK} p_i D_i (Eq. 7): raw probabilities with the selected experts zeroed, times D.
             # D is a constant: the gradient flows only to the router, dL/dp_i = <dL/dy, D_i>.
             unselected_probs_TE = probs_TE.scatter(1, top_k_index_TK, 0.0)
-            out_TH = out_TH + unselected_probs_TE @ defaults_EH
+            default_TH = unselected_probs_TE @ defaults_EH
+            if gradient_only:  # value exactly 0, gradient that of the default term: the forward stays top-K
+                default_TH = default_TH - default_TH.detach()
+            out_TH = out_TH + default_TH
         out_BSH = out_TH.to(hidden_states.dtype).view(batch_size, seq_len, hidden_size)
         if self.shared_expert is not None:  # + sigmoid(x . g) S(x), added to the routed (+ default) output
             shared_TH = F.sigmoid(self.shared_expert_gate(x_TH)) * self.shared_expert(x_TH)
@@ -451,11 +455,12 @@ class DefaultMoeSparseMoeBlock(nn.Module):
         return torch.zeros(self.num_experts, 1, device=valid_N1.device).index_add_(0, top_k_index_TK.view(-1), valid_N1)
 
     @torch.no_grad()
-    def _training_statistics(self, probs_TE, top_k_index_TK, expert_out_TKH, token_mask):
+    def _training_statistics(self, x_TH, probs_TE, top_k_index_TK, expert_out_TKH, token_mask):
         """Per-expert routed-token counts and, with routing="default", this forward's EMA update (Eq. 10).
 
         m_i = sum_t s_ti E_i(x_t) / sum_t s_ti over the tokens routed to i (s = 1, or s = p_ti with
-        default_ema_weighting="router_prob"), then D_i <- beta D_i + (1 - beta) m_i for experts that got tokens.
+        default_ema_weighting="router_prob"; over the probed tokens *not* routed to i with
+        default_ema_source="unrouted"), then D_i <- beta D_i + (1 - beta) m_i for experts that got tokens.
         Counts and sums are all-reduced across data-parallel ranks (one collective), so every rank keeps the same D.
         An expert whose sum is not finite (an overflowing expert) keeps its D this time: skipping it takes no host
         sync, where dropping single tokens would. Returns (the defaults this forward uses, or None for
@@ -464,7 +469,10 @@ class DefaultMoeSparseMoeBlock(nn.Module):
         config = self.config
         counts_E1 = self._routed_counts(top_k_index_TK, token_mask)
         stats = [counts_E1]
-        if config.routing == "default":
+        if config.routing == "default" and config.default_ema_source == "unrouted":
+            expert_ids_N, out_NH, scores_N1 = self._unrouted_probe(x_TH, probs_TE, top_k_index_TK, token_mask)
+            unweighted = False
+        elif config.routing == "default":
             expert_ids_N = top_k_index_TK.reshape(-1)
             out_NH = expert_out_TKH.reshape(expert_ids_N.numel(), -1).float()  # no copy in float32
             scores_N1 = torch.ones_like(out_NH[:, :1])
@@ -473,6 +481,7 @@ class DefaultMoeSparseMoeBlock(nn.Module):
             if config.default_ema_weighting == "router_prob":
                 scores_N1 = scores_N1 * probs_TE.gather(1, top_k_index_TK).reshape(-1, 1)
             unweighted = token_mask is None and config.default_ema_weighting == "mean"  # no multiply by ones
+        if config.routing == "default":
             weighted_sums_EH = torch.zeros_like(self.default_outputs.ema).index_add_(
                 0, expert_ids_N, out_NH if unweighted else out_NH * scores_N1
             )
@@ -493,6 +502,24 @@ class DefaultMoeSparseMoeBlock(nn.Module):
             # The graph keeps its own tensor: the update of the buffer in place must not touch what backward needs.
             return self.default_outputs.ema.clone(), counts_E, ema_update
         return self._ema_after(*ema_update[:2]), counts_E, ema_update
+
+    def _unrouted_probe(self, x_TH, probs_TE, top_k_index_TK, token_mask):
+        """The EMA statistics of default_ema_source="unrouted": every expert's output on one token in
+        `default_probe_stride`, each (token, expert) pair scored 0 where the token picked the expert, else 1 (or the
+        router probability). The probed tokens are evenly spaced from an offset that changes with the routing, so
+        they cover every position over training, and a checkpointing recompute of this forward probes the same ones.
+        Returns (expert ids (N,), outputs (N, H) float32, scores (N, 1)) over the N = probes x E pairs."""
+        num_tokens, stride = x_TH.shape[0], self.config.default_probe_stride
+        offset = top_k_index_TK.sum() % stride  # a tensor: no host sync
+        probe_P = (torch.arange(max(1, num_tokens // stride), device=x_TH.device) * stride + offset) % num_tokens
+        experts_PE = torch.arange(self.num_experts, device=x_TH.device).expand(probe_P.numel(), -1)
+        out_NH = self._pair_outputs(x_TH[probe_P], experts_PE).reshape(experts_PE.numel(), -1).float()
+        scores_PE = torch.ones_like(probs_TE[probe_P]).scatter_(1, top_k_index_TK[probe_P], 0.0)
+        if self.config.default_ema_weighting == "router_prob":
+            scores_PE = scores_PE * probs_TE[probe_P]
+        if token_mask is not None:
+            scores_PE = scores_PE * token_mask[probe_P].unsqueeze(-1)
+        return experts_PE.reshape(-1), out_NH, scores_PE.reshape(-1, 1)
 
     def _ema_after(self, update_E1: torch.Tensor, batch_mean_EH: torch.Tensor) -> torch.Tensor:
         """D <- beta D + (1 - beta) m for the experts in `update_E1`, as a new tensor."""
