@@ -1,5 +1,6 @@
 """Run the benchmarks: `python -m benchmarks [--quick] [--device cpu|cuda] [--only speed,fidelity,quality,conversion]
-[--out FILE]`, and `python -m benchmarks --only serving --checkpoint DIR` for a trained checkpoint.
+[--out FILE]`, `python -m benchmarks --only serving --checkpoint DIR` for a trained checkpoint, and
+`python -m benchmarks --only method [--jobs 2]` for the paper's training protocol (about 1.5 h on two cores).
 
 Writes a JSON file with the machine, the command, and every benchmark's results; `python -m benchmarks.report FILE...`
 turns it into markdown tables (as in BENCHMARKS.md). `--device cuda` runs the speed benchmark on the GPU (bf16,
@@ -20,8 +21,8 @@ from pathlib import Path
 
 import torch
 
-BENCHMARKS = ("speed", "fidelity", "quality", "conversion", "serving")
-DEFAULT = ("speed", "fidelity", "quality", "conversion")  # serving needs --checkpoint
+BENCHMARKS = ("speed", "fidelity", "quality", "method", "conversion", "serving")
+DEFAULT = ("speed", "fidelity", "quality", "conversion")  # serving needs --checkpoint; method takes hours
 ON_CUDA = ("speed", "serving")  # the benchmarks that run on --device cuda
 
 
@@ -67,6 +68,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument(
         "--threads", type=int, default=1, help="torch intra-op threads (1: steadier on a shared machine)"
     )
+    parser.add_argument("--jobs", type=int, default=1, help="method: training runs at a time (one thread each)")
+    parser.add_argument("--method-shapes", help="method: comma-separated subset of 8e-top1,8e-top2,32e-top4")
     args = parser.parse_args(argv)
     only = [name.strip() for name in args.only.split(",") if name.strip()] if args.only else None
     only = only or (["speed"] if args.device == "cuda" else list(DEFAULT))
@@ -113,6 +116,15 @@ def main(argv: list[str] | None = None) -> dict:
             from . import quality
 
             results["benchmarks"][name] = quality.run(quick=args.quick)
+        elif name == "method":
+            from . import method
+
+            def save(partial, name=name):
+                results["benchmarks"][name] = partial
+                Path(args.out).write_text(json.dumps(results, indent=1, default=_json_default))
+
+            shapes = args.method_shapes.split(",") if args.method_shapes else None
+            results["benchmarks"][name] = method.run(quick=args.quick, jobs=args.jobs, shapes=shapes, on_progress=save)
         elif name == "conversion":
             results["benchmarks"][name] = run_conversion(args.quick)
         elif name == "serving":

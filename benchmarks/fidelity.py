@@ -57,19 +57,19 @@ def _router_grads(model, batch: torch.Tensor) -> list[torch.Tensor]:
 
 
 def estimator_forward(self, hidden_states, token_mask=None, return_router_losses=False):
-    """The model's own eval forward value, y = sum_A w_i E_i(x) + sum_{not A} p_i D_i, with the router gradient of
-    the estimator in `self.estimator`: "default" (through p_i D_i), "topk" (selected experts only: the default term
-    is detached) or "dense" (through p_i E_i(x) for every unselected expert, computed densely, straight-through)."""
+    """The model's own eval forward value, y = sum_A w_i E_i(x) + sum_{not A} p_i D_i (no default term in the value
+    with default_term="gradient"), with the router gradient of the estimator in `self.estimator`: "default" (through
+    p_i D_i), "topk" (selected experts only: the default term is detached) or "dense" (through p_i E_i(x) for every
+    unselected expert, computed densely, straight-through)."""
     batch_size, seq_len, hidden_size = hidden_states.shape
     x_TH = hidden_states.reshape(-1, hidden_size)
     _, probs_TE, top_k_weights_TK, top_k_index_TK = self.gate(x_TH)
     out_TH = torch.einsum("tkh,tk->th", self.experts(x_TH, top_k_index_TK).float(), top_k_weights_TK)
     unselected_probs_TE = probs_TE.scatter(1, top_k_index_TK, 0.0)
     default_TH = unselected_probs_TE @ self.default_outputs.ema
-    if self.estimator == "default":
-        out_TH = out_TH + default_TH
-    else:
-        out_TH = out_TH + default_TH.detach()
+    if self.config.default_term == "gradient":  # the model's forward value has no default term
+        default_TH = default_TH - default_TH.detach()
+    out_TH = out_TH + (default_TH if self.estimator == "default" else default_TH.detach())
     if self.estimator == "dense":
         all_out_TEH = dense_expert_outputs(self.experts, x_TH).detach().float()
         rest_TH = torch.einsum("teh,te->th", all_out_TEH, unselected_probs_TE)

@@ -363,6 +363,120 @@ def render_serving(r: dict, command: str) -> str:
     return "\n".join(out) + "\n"
 
 
+def _paired_cell(d: dict | None) -> str:
+    if not d:
+        return "-"
+    ci = f" [{d['ci95'][0]:+.4f}, {d['ci95'][1]:+.4f}]" if d["ci95"] else ""
+    return f"{d['mean']:+.4f}{ci}"
+
+
+def _reach_cell(fractions: list | None) -> str:
+    if not fractions:
+        return "-"
+    reached = [f for f in fractions if f is not None]
+    if not reached:
+        return f"not reached (0/{len(fractions)})"
+    return f"{sum(reached) / len(reached):.0%} ({len(reached)}/{len(fractions)} seeds)"
+
+
+def _method_rows(summary: dict, detail: bool) -> list[list]:
+    rows = []
+    for shape, variants in summary.items():
+        topk_seconds = variants.get("topk", {}).get("step_seconds")
+        for variant, r in variants.items():
+            d = r.get("paired_diff_vs_topk")
+            row = [shape, variant, len(r["seeds"]), f"{r['final_val_mean']:.4f} ± {r['final_val_std']:.4f}"]
+            row += [_paired_cell(d), f"{d['better']}/{len(d['per_seed'])}" if d else "-"]
+            if detail:
+                row += [", ".join(f"{x:+.3f}" for x in d["per_seed"]) if d else "-"]
+                row += [_reach_cell(r.get("tokens_to_topk_final"))]
+            row += [" / ".join(_f(c, 2) for c in r["cosine_own_per_layer"])]
+            if detail:
+                row += [" / ".join(_f(c, 2) for c in r["cosine_topk_per_layer"])]
+            row += [_f(r["expert_load_max_over_mean"], 2)]
+            if detail:
+                row += [_pct(r["step_seconds"] / topk_seconds) if topk_seconds else "-"]
+            rows.append(row)
+    return rows
+
+
+def render_method(m: dict, command: str) -> str:
+    s, phases = m["settings"], m["phases"]
+    mo = s["model"]
+    out = [
+        f"### Method: the paper's protocol at our scale\n\nCommand: `{command}`. Byte-level LM on the built-in corpus, "
+        f"{mo['layers']} layers (first dense), hidden {mo['hidden']}, expert width {mo['inter']}, {mo['heads']} heads, "
+        f"{s['batch']}x{s['seq']} tokens per step, no renormalisation, beta {s['beta']}, Switch load balancing 0.01, "
+        "AdamW (0.9, 0.95), weight decay 0.1, clip 1.0, 5% linear warm-up then cosine decay to 0; same seed = same "
+        "initial weights and batches for every variant. Validation loss in nats/byte on a fixed held-out set. "
+        "Paired difference = variant minus top-K per seed, mean [95% t interval]; negative = better than top-K. "
+        "`cos` = per-MoE-layer cosine of the run's own router gradient to the dense straight-through gradient, "
+        "mean over points in training (held-out batch); `load` = max/mean tokens per expert on the validation set, "
+        "mean over layers. Variants: " + "; ".join(f"`{name}` = `{cfg}`" for name, cfg in m["variants"].items()) + ".\n"
+    ]
+    if "lr_grid" in phases and "summary_by_lr" in phases["lr_grid"]:
+        grid = phases["lr_grid"]["summary_by_lr"]
+        shapes = list(next(iter(grid.values())))
+        rows = [[lr, *[f"{g[sh]['topk']['final_val_mean']:.4f}" for sh in shapes]] for lr, g in grid.items()]
+        out.append(
+            f"\nLearning-rate grid (top-K, seed 0, {s['screen_steps']} steps); the protocol uses "
+            f"{m.get('lr', '?'):g}:\n\n"
+        )
+        out.append(_table(["LR", *shapes], rows))
+    header = ["setting", "variant", "seeds", "final val loss", "paired diff vs topk", "better"]
+    if "screen" in phases and "summary_by_lr" in phases["screen"]:
+        ((lr, summary),) = phases["screen"]["summary_by_lr"].items()
+        out.append(
+            f"\nScreen ({s['screen_steps']} steps = the demo's token count, LR {lr}); winner among the "
+            f"non-paper variants: `{m.get('screen_winner')}`:\n\n"
+        )
+        out.append(_table([*header, "cos per layer", "load"], _method_rows(summary, detail=False)))
+    if "stress" in phases and "summary_by_lr" in phases["stress"]:
+        rows = []
+        for lr, summary in phases["stress"]["summary_by_lr"].items():
+            for shape, variants in summary.items():
+                for variant, r in variants.items():
+                    run = next(
+                        x
+                        for x in phases["stress"]["runs"]
+                        if x["variant"] == variant and x["shape"] == shape and f"{x['lr']:g}" == lr
+                    )
+                    rows.append(
+                        [
+                            lr,
+                            shape,
+                            variant,
+                            _f(r["final_val_mean"], 4),
+                            _f(r["max_spike"], 3),
+                            "yes" if run["diverged"] else "no",
+                        ]
+                    )
+        out.append(
+            f"\nHigher learning rates (seed 0, {s['stress_steps']} steps; `max spike` = largest rise of the "
+            "training loss above its running minimum after warm-up):\n\n"
+        )
+        out.append(_table(["LR", "setting", "variant", "final val loss", "max spike", "diverged"], rows))
+    if "confirm" in phases:
+        summary = phases["confirm"].get("summary_by_lr")
+        if summary is None:  # an interrupted run: summarise what finished
+            from .method import summarise
+
+            summary = {"?": summarise(phases["confirm"]["runs"])}
+        ((lr, summary),) = summary.items()
+        out.append(
+            f"\nConfirmation ({s['confirm_steps']} steps = 4x the demo's tokens, LR {lr}). `reach` = tokens "
+            "the variant needed to reach top-K's final validation loss, as a share of top-K's, mean over the "
+            "seeds that reached it:\n\n"
+        )
+        out.append(
+            _table(
+                [*header, "per seed", "reach", "cos per layer", "load", "step time vs topk"],
+                _method_rows(summary, detail=True),
+            )
+        )
+    return "\n".join(out)
+
+
 def render(results_list: list[dict]) -> str:
     first = results_list[0]
     m = first.get("machine", {})
@@ -395,6 +509,8 @@ def render(results_list: list[dict]) -> str:
                 out.append(render_quality(res, results["command"]))
             elif name == "serving":
                 out.append(render_serving(res, results["command"]))
+            elif name == "method":
+                out.append(render_method(res, results["command"]))
             elif name == "conversion":
                 out.append(f"### Conversion memory\n\n```\n{json.dumps(res, indent=1)[:3000]}\n```\n")
     return "\n".join(out)

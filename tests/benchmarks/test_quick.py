@@ -107,6 +107,35 @@ def test_quick_suite(tmp_path):
     assert "Exports the checkpoint does not allow: olmoe" in text
 
 
+def test_quick_method(tmp_path):
+    """`--only method --quick`: every phase of the protocol runs, pairs by seed, and renders."""
+    out = tmp_path / "method.json"
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
+    cmd = [sys.executable, "-m", "benchmarks", "--quick", "--only", "method", "--out", str(out)]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    method = json.loads(out.read_text())["benchmarks"]["method"]
+    assert list(method["phases"]) == ["lr_grid", "screen", "stress", "confirm"]
+    assert float(method["lr"]) in method["settings"]["lr_grid"]
+    winner = method["screen_winner"]
+    assert winner in set(method["variants"]) - {"topk", "default"}
+    ((_, confirm),) = method["phases"]["confirm"]["summary_by_lr"].items()
+    for variants in confirm.values():
+        assert list(variants) == ["topk", winner, "default"]
+        for variant in (winner, "default"):
+            paired = variants[variant]["paired_diff_vs_topk"]
+            assert len(paired["per_seed"]) == len(method["settings"]["confirm_seeds"])
+            assert paired["ci95"][0] <= paired["mean"] <= paired["ci95"][1]
+        assert all(-1.0001 <= c <= 1.0001 for c in variants[winner]["cosine_own_per_layer"])
+        assert variants["topk"]["expert_load_max_over_mean"] >= 1.0
+    bad = [(path, value) for path, value in _numbers(method) if not math.isfinite(value)]
+    assert not bad, bad[:5]
+    sys.path.insert(0, str(ROOT))
+    from benchmarks import report
+
+    assert "Confirmation (" in report.render([json.loads(out.read_text())])
+
+
 def test_report_renders(tmp_path):
     """The markdown report renders from a results file (a minimal synthetic one is enough)."""
     results = {"command": "python -m benchmarks --quick", "quick": True, "machine": {"date_utc": "x"}, "benchmarks": {}}
