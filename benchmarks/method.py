@@ -28,7 +28,7 @@ import torch
 from torch.nn import functional as F
 from transformers import get_cosine_schedule_with_warmup
 
-from .common import build_ours, byte_corpus, our_config, sample_batches
+from .common import build_ours, byte_corpus, interleaved_times, median, our_config, sample_batches, train_step_fn
 from .fidelity import _router_grads, _set_variant
 from .quality import validation_loss
 
@@ -67,6 +67,8 @@ def settings(quick: bool) -> dict:
             eval_batches=1,
             beta=0.9,
             probe_stride=8,
+            cost_models=[dict(hidden=32, inter=32, layers=2, heads=2, batch=2, seq=32)],
+            cost_reps=1,
         )
     return dict(
         model=dict(hidden=64, inter=128, layers=4, heads=4),
@@ -84,6 +86,12 @@ def settings(quick: bool) -> dict:
         eval_batches=4,
         beta=0.9,
         probe_stride=64,
+        # the trained model, and the speed benchmark's 8-expert shape (hidden 256, 4096 tokens per step)
+        cost_models=[
+            dict(hidden=64, inter=128, layers=4, heads=4, batch=8, seq=128),
+            dict(hidden=256, inter=256, layers=4, heads=4, batch=8, seq=512),
+        ],
+        cost_reps=10,
     )
 
 
@@ -276,6 +284,24 @@ def best_lr(runs: list[dict]) -> float:
     return min(by_lr, key=lambda lr: statistics.fmean(by_lr[lr]))
 
 
+def cost(s: dict, log=_log) -> dict:
+    """Training-step CPU time of every variant relative to top-K (one thread, identical weights and batch,
+    interleaved repetitions; process CPU time leaves out waiting for a core on a shared machine)."""
+    torch.set_num_threads(1)
+    out = {}
+    for m in s["cost_models"]:
+        for shape in s["shapes"]:
+            local = {**s, "model": m, "seq": m["seq"]}
+            batch = sample_batches(byte_corpus(200_000), m["batch"], m["seq"], 1, seed=0)[0]
+            steps = {v: train_step_fn(build_ours(_config(local, shape, v), seed=0), batch) for v in VARIANTS}
+            cpu: dict = {}
+            interleaved_times(steps, s["cost_reps"], 1, cpu)
+            key = f"{shape}_H{m['hidden']}_T{m['batch'] * m['seq']}"
+            out[key] = {v: median(t) / median(cpu["topk"]) for v, t in cpu.items()}
+            log(f"cost {key}: " + ", ".join(f"{v} {r - 1:+.1%}" for v, r in out[key].items()))
+    return out
+
+
 def run(quick: bool = False, jobs: int = 1, shapes: list[str] | None = None, log=_log, on_progress=None) -> dict:
     s = settings(quick)
     if shapes:
@@ -308,6 +334,7 @@ def run(quick: bool = False, jobs: int = 1, shapes: list[str] | None = None, log
             for v in variants
         ]
 
+    out["cost_vs_topk"] = cost(s, log)
     grid = [dict(s=s, variant="topk", seed=0, lr=lr, steps=s["screen_steps"]) for lr in s["lr_grid"]]
     grid = phase("lr_grid", [dict(job, shape=shape) for job in grid for shape in s["shapes"]])
     lr = out["lr"] = best_lr(grid)

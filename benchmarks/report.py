@@ -414,6 +414,14 @@ def render_method(m: dict, command: str) -> str:
         "mean over points in training (held-out batch); `load` = max/mean tokens per expert on the validation set, "
         "mean over layers. Variants: " + "; ".join(f"`{name}` = `{cfg}`" for name, cfg in m["variants"].items()) + ".\n"
     ]
+    if "cost_vs_topk" in m:
+        variants = list(m["variants"])
+        rows = [[key, *[_pct(r[v]) for v in variants]] for key, r in m["cost_vs_topk"].items()]
+        out.append(
+            f"\nTraining-step cost vs top-K (process CPU time, one thread, median of {s['cost_reps']} "
+            "interleaved steps; `H` hidden size, `T` tokens per step):\n\n"
+        )
+        out.append(_table(["shape", *variants], rows))
     if "lr_grid" in phases and "summary_by_lr" in phases["lr_grid"]:
         grid = phases["lr_grid"]["summary_by_lr"]
         shapes = list(next(iter(grid.values())))

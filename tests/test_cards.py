@@ -123,6 +123,8 @@ def test_card_metadata_and_body(folder):
             },
             "| RoPE (sliding attention) | rope_theta: 10000, rope_type: default |",
         ),
+        ({"default_term": "gradient"}, "| Default term | `gradient`: router gradient only; the forward is exactly"),
+        ({"default_ema_source": "unrouted", "default_probe_stride": 32}, "not routed to it (1 in 32 tokens) |"),
     ],
 )
 def test_card_reflects_routing_settings(tmp_path, overrides, expected):

@@ -188,14 +188,26 @@ def _routing_rows(config: DefaultMoeConfig) -> list[tuple[str, object]]:
         "before_use": "`before_use`: update with the current batch, then use (as in the paper)",
         "after_use": "`after_use`: use the previous defaults, then update (strictly causal)",
     }[config.default_ema_update]
+    term = {
+        "forward": "`forward`: added to the layer output (as in the paper)",
+        "gradient": "`gradient`: router gradient only; the forward is exactly top-K (exports to Mixtral/OLMoE as is)",
+    }[config.default_term]
+    source = {
+        "routed": "`routed`: the expert's outputs on the tokens routed to it (as in the paper)",
+        "unrouted": f"`unrouted`: the expert's outputs on probed tokens not routed to it (1 in "
+        f"{config.default_probe_stride} tokens)",
+    }[config.default_ema_source]
     rows = [("Routing", routing), ("Top-k weights renormalised", bool(config.norm_topk_prob))]
     if config.routing == "default":
         rows += [
+            ("Default term", term),
             ("EMA decay beta", config.default_ema_beta),
+            ("EMA of", source),
             ("EMA weighting", weighting),
             ("EMA update order", update),
-            ("Defaults used at inference", bool(config.default_in_inference)),
         ]
+        if config.default_term == "forward":
+            rows += [("Defaults used at inference", bool(config.default_in_inference))]
     rows += [
         ("Load-balancing loss coefficient", config.router_aux_loss_coef),
         ("Router z-loss coefficient", config.router_z_loss_coef),
