@@ -324,6 +324,8 @@ def run(quick: bool = False, jobs: int = 1, shapes: list[str] | None = None, log
         out["phases"][name]["summary_by_lr"] = {
             f"{lr:g}": summarise([r for r in results if r["lr"] == lr]) for lr in lrs
         }
+        if on_progress:
+            on_progress(out)
         return results
 
     def jobs_for(variants, seeds, lr, steps):

@@ -435,7 +435,8 @@ def render_method(m: dict, command: str) -> str:
     if "screen" in phases and "summary_by_lr" in phases["screen"]:
         ((lr, summary),) = phases["screen"]["summary_by_lr"].items()
         out.append(
-            f"\nScreen ({s['screen_steps']} steps = the demo's token count, LR {lr}); winner among the "
+            f"\nScreen ({s['screen_steps']} steps, {s['screen_steps'] * s['batch'] * s['seq']:,} tokens, LR {lr}); "
+            "winner among the "
             f"non-paper variants: `{m.get('screen_winner')}`:\n\n"
         )
         out.append(_table([*header, "cos per layer", "load"], _method_rows(summary, detail=False)))
@@ -472,7 +473,8 @@ def render_method(m: dict, command: str) -> str:
             summary = {"?": summarise(phases["confirm"]["runs"])}
         ((lr, summary),) = summary.items()
         out.append(
-            f"\nConfirmation ({s['confirm_steps']} steps = 4x the demo's tokens, LR {lr}). `reach` = tokens "
+            f"\nConfirmation ({s['confirm_steps']} steps, {s['confirm_steps'] * s['batch'] * s['seq']:,} tokens, "
+            f"LR {lr}). `reach` = tokens "
             "the variant needed to reach top-K's final validation loss, as a share of top-K's, mean over the "
             "seeds that reached it:\n\n"
         )
