@@ -322,3 +322,31 @@ def test_qwen2_moe_export_refuses_a_trained_o_proj_bias(converted, tmp_path):
     with pytest.raises(ConversionError, match=f"cannot export to Qwen2-MoE: {name} is non-zero"):
         export(folder, tmp_path / "out", to="qwen2_moe")
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("default_term", ["gradient", "forward"])
+def test_trained_gradient_only_model_exports_to_mixtral_exactly(tmp_path, caplog, default_term):
+    """default_term="gradient" trains non-zero defaults yet computes the top-K output: stock Mixtral on the exported
+    weights gives its logits exactly, and the export warns about dropped defaults only for the paper's form."""
+    from tiny_models import random_ids, tiny_model
+
+    model = tiny_model(num_dense_layers=0, norm_topk_prob=True, default_term=default_term)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    for step in range(3):
+        ids = random_ids(seed=step)
+        model(ids, labels=ids).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    assert all(layer.mlp.default_outputs.ema.abs().sum() > 0 for layer in model.model.layers)
+    model.save_pretrained(tmp_path / "trained")
+    with caplog.at_level("WARNING", logger="default_moe.conversion.api"):
+        export(tmp_path / "trained", tmp_path / "mixtral", to="mixtral", progress=False)
+    assert ("EMA defaults are non-zero" in caplog.text) == (default_term == "forward")
+    mixtral = AutoModelForCausalLM.from_pretrained(tmp_path / "mixtral", dtype=torch.float32).eval()
+    ids = random_ids(seed=9)
+    with torch.no_grad():
+        ours, theirs = model.eval()(ids).logits, mixtral(ids).logits
+    if default_term == "gradient":
+        torch.testing.assert_close(theirs, ours, atol=1e-5, rtol=1e-5)
+    else:
+        assert (theirs - ours).abs().max() > 1e-3

@@ -328,7 +328,7 @@ def export(
 
 
 def _warn_if_defaults_nonzero(reader: CheckpointReader, config) -> None:
-    if config.routing != "default":
+    if config.routing != "default" or config.default_term == "gradient":  # the forward is top-K: nothing is lost
         return
     for layer in config.moe_layers:
         name = f"model.layers.{layer}.mlp.default_outputs.ema"
