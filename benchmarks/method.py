@@ -224,7 +224,7 @@ def paired(diffs: list[float]) -> dict:
 def tokens_to_reach(curve: dict, target: float, tokens_per_step: int) -> float | None:
     """Tokens at which a validation curve first reaches `target` (linear between points), or None."""
     previous = (0, math.inf)
-    for step, loss in sorted(curve.items()):
+    for step, loss in sorted((int(step), loss) for step, loss in curve.items()):  # JSON keys are strings
         if loss <= target:
             if not math.isfinite(previous[1]):
                 return step * tokens_per_step
