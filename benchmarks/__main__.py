@@ -70,6 +70,7 @@ def main(argv: list[str] | None = None) -> dict:
     )
     parser.add_argument("--jobs", type=int, default=1, help="method: training runs at a time (one thread each)")
     parser.add_argument("--method-shapes", help="method: comma-separated subset of 8e-top1,8e-top2,32e-top4")
+    parser.add_argument("--method-confirm", help="method: comma-separated variants to confirm as well (e.g. unrouted)")
     args = parser.parse_args(argv)
     only = [name.strip() for name in args.only.split(",") if name.strip()] if args.only else None
     only = only or (["speed"] if args.device == "cuda" else list(DEFAULT))
@@ -124,7 +125,10 @@ def main(argv: list[str] | None = None) -> dict:
                 Path(args.out).write_text(json.dumps(results, indent=1, default=_json_default))
 
             shapes = args.method_shapes.split(",") if args.method_shapes else None
-            results["benchmarks"][name] = method.run(quick=args.quick, jobs=args.jobs, shapes=shapes, on_progress=save)
+            extra = args.method_confirm.split(",") if args.method_confirm else None
+            results["benchmarks"][name] = method.run(
+                quick=args.quick, jobs=args.jobs, shapes=shapes, confirm_extra=extra, on_progress=save
+            )
         elif name == "conversion":
             results["benchmarks"][name] = run_conversion(args.quick)
         elif name == "serving":

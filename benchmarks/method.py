@@ -302,8 +302,19 @@ def cost(s: dict, log=_log) -> dict:
     return out
 
 
-def run(quick: bool = False, jobs: int = 1, shapes: list[str] | None = None, log=_log, on_progress=None) -> dict:
+def run(
+    quick: bool = False,
+    jobs: int = 1,
+    shapes: list[str] | None = None,
+    confirm_extra: list[str] | None = None,
+    log=_log,
+    on_progress=None,
+) -> dict:
+    """The whole protocol; `confirm_extra` adds variants to the confirmation (after the three it always runs)."""
     s = settings(quick)
+    unknown = sorted(set(confirm_extra or []) - set(VARIANTS))
+    if unknown:
+        raise ValueError(f"unknown method variants {unknown}; choose from {sorted(VARIANTS)}")
     if shapes:
         unknown = sorted(set(shapes) - set(SHAPES))
         if unknown:
@@ -355,5 +366,6 @@ def run(quick: bool = False, jobs: int = 1, shapes: list[str] | None = None, log
     phase("stress", [dict(job, shape=shape) for job in stress for shape in s["shapes"]])
     # The paper's form last: top-K and the winner are complete first should a long run be cut short.
     confirm = jobs_for(confirmed[:2], s["confirm_seeds"], lr, s["confirm_steps"])
-    phase("confirm", confirm + jobs_for(confirmed[2:], s["confirm_seeds"], lr, s["confirm_steps"]))
+    extra = [v for v in dict.fromkeys(confirm_extra or []) if v not in confirmed]
+    phase("confirm", confirm + jobs_for(confirmed[2:] + extra, s["confirm_seeds"], lr, s["confirm_steps"]))
     return out

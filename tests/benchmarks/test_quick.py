@@ -111,7 +111,8 @@ def test_quick_method(tmp_path):
     """`--only method --quick`: every phase of the protocol runs, pairs by seed, and renders."""
     out = tmp_path / "method.json"
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
-    cmd = [sys.executable, "-m", "benchmarks", "--quick", "--only", "method", "--out", str(out)]
+    cmd = [sys.executable, "-m", "benchmarks", "--quick", "--only", "method", "--method-confirm", "unrouted"]
+    cmd += ["--out", str(out)]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     method = json.loads(out.read_text())["benchmarks"]["method"]
@@ -121,7 +122,7 @@ def test_quick_method(tmp_path):
     assert winner in set(method["variants"]) - {"topk", "default"}
     ((_, confirm),) = method["phases"]["confirm"]["summary_by_lr"].items()
     for variants in confirm.values():
-        assert list(variants) == ["topk", winner, "default"]
+        assert list(variants) == list(dict.fromkeys(["topk", winner, "default", "unrouted"]))
         for variant in (winner, "default"):
             paired = variants[variant]["paired_diff_vs_topk"]
             assert len(paired["per_seed"]) == len(method["settings"]["confirm_seeds"])
