@@ -30,7 +30,7 @@ from transformers import get_cosine_schedule_with_warmup
 
 from .common import build_ours, byte_corpus, interleaved_times, median, our_config, sample_batches, train_step_fn
 from .fidelity import _router_grads, _set_variant
-from .quality import validation_loss
+from .quality import max_spike, train, validation_loss
 
 VARIANTS = {
     "topk": dict(routing="topk"),
@@ -156,7 +156,7 @@ def train_run(job: dict) -> dict:
     """One training run: job = dict(s, shape, variant, seed, lr, steps)."""
     s, steps = job["s"], job["steps"]
     torch.set_num_threads(1)
-    train = byte_corpus(400_000 if s["confirm_steps"] < 100 else 4_000_000, "train")
+    train_data = byte_corpus(400_000 if s["confirm_steps"] < 100 else 4_000_000, "train")
     valid = byte_corpus(50_000 if s["confirm_steps"] < 100 else 1_000_000, "validation")
     valid_batches = sample_batches(valid, s["batch"], s["seq"], s["eval_batches"], seed=4242)
     model = build_ours(_config(s, job["shape"], job["variant"]), seed=job["seed"])
@@ -165,26 +165,19 @@ def train_run(job: dict) -> dict:
     schedule = get_cosine_schedule_with_warmup(optimizer, warmup, steps)
     eval_at = sorted({max(1, round(steps * (i + 1) / s["points"])) for i in range(s["points"])})
     cosine_at = set(eval_at[1::2])
-    model.train()
-    start = time.perf_counter()
-    train_losses, val, cosines = [], {}, {}
-    for step, batch in enumerate(sample_batches(train, s["batch"], s["seq"], steps, seed=1000 + job["seed"]), 1):
-        out = model(input_ids=batch, labels=batch)
-        out.loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        schedule.step()
-        optimizer.zero_grad(set_to_none=True)
-        train_losses.append(float(out.lm_loss.detach()))
+    val, cosines = {}, {}
+
+    def evaluate(step, loss):
         if step in eval_at:
-            val[step] = validation_loss(model, valid_batches) if math.isfinite(train_losses[-1]) else math.inf
-        if step in cosine_at and math.isfinite(train_losses[-1]):
+            val[step] = validation_loss(model, valid_batches) if math.isfinite(loss) else math.inf
+        if step in cosine_at and math.isfinite(loss):
             cosines[step] = router_cosines(model, valid_batches[0])
+
+    start = time.perf_counter()
+    batches = sample_batches(train_data, s["batch"], s["seq"], steps, seed=1000 + job["seed"])
+    train_losses = train(model, optimizer, schedule, batches, evaluate)
     seconds = time.perf_counter() - start
-    spike, best = 0.0, math.inf  # largest rise of the training loss above its running minimum after warm-up
-    for loss in train_losses[warmup:]:
-        best = min(best, loss)
-        spike = max(spike, loss - best) if math.isfinite(loss) else math.inf
+    spike = max_spike(train_losses, warmup)
     final = val[eval_at[-1]]
     return {
         **{k: job[k] for k in ("shape", "variant", "seed", "lr", "steps")},

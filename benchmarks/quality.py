@@ -81,7 +81,34 @@ def validation_loss(model, batches: torch.Tensor) -> float:
     return sum(losses) / len(losses)
 
 
-def train_run(s: dict, variant: str, seed: int, lr: float, steps: int, train, valid_batches) -> dict:
+def train(model, optimizer, schedule, batches, on_step=None) -> list[float]:
+    """The benchmarks' training loop: backward, clip the gradient norm at 1, step, schedule. Returns the per-step
+    LM losses; `on_step(step, loss)` runs after each step (evaluation points)."""
+    model.train()
+    train_losses = []
+    for step, batch in enumerate(batches, 1):
+        out = model(input_ids=batch, labels=batch)
+        out.loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        schedule.step()
+        optimizer.zero_grad(set_to_none=True)
+        train_losses.append(float(out.lm_loss.detach()))
+        if on_step is not None:
+            on_step(step, train_losses[-1])
+    return train_losses
+
+
+def max_spike(train_losses: list[float], warmup: int) -> float:
+    """Largest rise of the training loss above its running minimum after warm-up: a loss-spike measure."""
+    spike, best = 0.0, math.inf
+    for loss in train_losses[warmup:]:
+        best = min(best, loss)
+        spike = max(spike, loss - best) if math.isfinite(loss) else math.inf
+    return spike
+
+
+def train_run(s: dict, variant: str, seed: int, lr: float, steps: int, train_data, valid_batches) -> dict:
     config = our_config(
         hidden=s["hidden"],
         inter=s["inter"],
@@ -99,35 +126,27 @@ def train_run(s: dict, variant: str, seed: int, lr: float, steps: int, train, va
     model = build_ours(config, seed=seed)  # identical initial weights for every variant of a seed
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.1)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda i: min(1.0, (i + 1) / s["warmup"]))
-    model.train()
-    train_losses, val = [], {}
-    for step, batch in enumerate(sample_batches(train, s["batch"], s["seq"], steps, seed=1000 + seed), 1):
-        out = model(input_ids=batch, labels=batch)
-        out.loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        schedule.step()
-        optimizer.zero_grad(set_to_none=True)
-        train_losses.append(float(out.lm_loss.detach()))
+    val = {}
+
+    def evaluate(step, loss):
         if step in s["eval_at"] or step == steps:
             val[str(step)] = validation_loss(model, valid_batches)
-    # Largest rise of the training loss above its running minimum after warm-up: a loss-spike measure.
-    spike, best = 0.0, math.inf
-    for loss in train_losses[s["warmup"] :]:
-        best = min(best, loss)
-        spike = max(spike, loss - best) if math.isfinite(loss) else math.inf
+
+    batches = sample_batches(train_data, s["batch"], s["seq"], steps, seed=1000 + seed)
+    train_losses = train(model, optimizer, schedule, batches, evaluate)
+    spike = max_spike(train_losses, s["warmup"])
     return {"val_loss": val, "final_train_loss": statistics.fmean(train_losses[-10:]), "max_spike": spike}
 
 
 def run(quick: bool = False, log=_log) -> dict:
     s = settings(quick)
-    train = byte_corpus(30_000 if quick else 4_000_000, "train")
+    train_data = byte_corpus(30_000 if quick else 4_000_000, "train")
     valid = byte_corpus(20_000 if quick else 1_000_000, "validation")
     valid_batches = sample_batches(valid, s["batch"], s["seq"], s["eval_batches"], seed=4242)
     out = {"settings": s, "runs": {}, "summary": {}, "lr_sweep": {}}
     for seed in s["seeds"]:
         for variant in VARIANTS:
-            res = train_run(s, variant, seed, s["lr"], s["steps"], train, valid_batches)
+            res = train_run(s, variant, seed, s["lr"], s["steps"], train_data, valid_batches)
             out["runs"][f"{variant}/seed{seed}"] = res
             log(f"{variant} seed {seed}: val {res['val_loss']}")
     for variant in VARIANTS:
@@ -156,7 +175,7 @@ def run(quick: bool = False, log=_log) -> dict:
     sweep_steps = s["sweep_steps"]
     for lr in s["sweep_lrs"]:
         for variant in VARIANTS:
-            res = train_run({**s, "eval_at": [sweep_steps]}, variant, 0, lr, sweep_steps, train, valid_batches)
+            res = train_run({**s, "eval_at": [sweep_steps]}, variant, 0, lr, sweep_steps, train_data, valid_batches)
             out["lr_sweep"][f"{variant}/lr{lr:g}"] = {"lr": lr, "variant": variant, **res}
             log(f"sweep {variant} lr {lr:g}: val {res['val_loss']}, spike {res['max_spike']:.3f}")
     return out
