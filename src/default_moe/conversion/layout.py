@@ -380,6 +380,17 @@ def export_decoder_fields(config, target: str) -> dict:
     return fields
 
 
+def router_fields(src, num_experts: int) -> dict:
+    """The router fields every MoE source maps alike; the inverse of `export_decoder_fields`'s coefficient."""
+    return {
+        "num_experts": num_experts,
+        "num_experts_per_tok": src.num_experts_per_tok,
+        # transformers' MoE losses are K at balance, ours 1.0: scale so the gradient is the same.
+        "router_aux_loss_coef": src.router_aux_loss_coef * src.num_experts_per_tok,
+        "output_router_logits": src.output_router_logits,
+    }
+
+
 def uniform_sliding_window(config, target: str) -> int | None:
     """The `sliding_window` of a target whose layers all attend alike: None when no layer slides."""
     kinds = sorted(set(config.layer_types))

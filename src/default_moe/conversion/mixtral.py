@@ -18,6 +18,7 @@ from .layout import (
     plan_moe_source_layer,
     require,
     require_norm_placement,
+    router_fields,
     uniform_sliding_window,
 )
 
@@ -27,20 +28,19 @@ PER_EXPERT = ("w1", "w3", "w2")  # gate, up, down
 
 
 def default_moe_fields(src: MixtralConfig) -> dict:
-    return decoder_config_fields(src) | {
-        "intermediate_size": src.intermediate_size,
-        "attention_bias": False,
-        "qk_norm": False,
-        "clip_qkv": None,
-        "sliding_window": src.sliding_window,
-        "router_jitter_noise": src.router_jitter_noise,
-        "num_experts": src.num_local_experts,
-        "num_experts_per_tok": src.num_experts_per_tok,
-        "norm_topk_prob": True,
-        # transformers' Mixtral loss is K at balance, ours 1.0: scale so the gradient is the same.
-        "router_aux_loss_coef": src.router_aux_loss_coef * src.num_experts_per_tok,
-        "output_router_logits": src.output_router_logits,
-    }
+    return (
+        decoder_config_fields(src)
+        | {
+            "intermediate_size": src.intermediate_size,
+            "attention_bias": False,
+            "qk_norm": False,
+            "clip_qkv": None,
+            "sliding_window": src.sliding_window,
+            "router_jitter_noise": src.router_jitter_noise,
+            "norm_topk_prob": True,
+        }
+        | router_fields(src, src.num_local_experts)
+    )
 
 
 def plan(builder: PlanBuilder, config) -> None:

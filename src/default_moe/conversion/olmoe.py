@@ -20,6 +20,7 @@ from .layout import (
     plan_moe_source_layer,
     require,
     require_norm_placement,
+    router_fields,
 )
 
 logger = logging.getLogger(__name__)
@@ -30,21 +31,20 @@ PER_EXPERT = ("gate_proj", "up_proj", "down_proj")
 
 
 def default_moe_fields(src: OlmoeConfig) -> dict:
-    return decoder_config_fields(src) | {
-        "intermediate_size": src.intermediate_size,
-        "attention_bias": bool(src.attention_bias),
-        "norm_placement": "pre",
-        "qk_norm": "projection",
-        "clip_qkv": getattr(src, "clip_qkv", None),  # FlexOlmo (flex_olmo.py) has none
-        "sliding_window": None,
-        "router_jitter_noise": 0.0,
-        "num_experts": src.num_experts,
-        "num_experts_per_tok": src.num_experts_per_tok,
-        "norm_topk_prob": bool(src.norm_topk_prob),
-        # transformers' OLMoE loss is K at balance, ours 1.0: scale so the gradient is the same.
-        "router_aux_loss_coef": src.router_aux_loss_coef * src.num_experts_per_tok,
-        "output_router_logits": src.output_router_logits,
-    }
+    return (
+        decoder_config_fields(src)
+        | {
+            "intermediate_size": src.intermediate_size,
+            "attention_bias": bool(src.attention_bias),
+            "norm_placement": "pre",
+            "qk_norm": "projection",
+            "clip_qkv": getattr(src, "clip_qkv", None),  # FlexOlmo (flex_olmo.py) has none
+            "sliding_window": None,
+            "router_jitter_noise": 0.0,
+            "norm_topk_prob": bool(src.norm_topk_prob),
+        }
+        | router_fields(src, src.num_experts)
+    )
 
 
 def plan(builder: PlanBuilder, config) -> None:

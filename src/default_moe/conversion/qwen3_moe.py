@@ -24,6 +24,7 @@ from .layout import (
     plan_moe_source_layer,
     require,
     require_norm_placement,
+    router_fields,
     uniform_sliding_window,
 )
 
@@ -47,20 +48,19 @@ def dense_layers(src) -> list[int]:
 
 def moe_fields(src) -> dict:
     """The fields Qwen3-MoE and Qwen2-MoE map alike."""
-    return decoder_config_fields(src) | {
-        "intermediate_size": src.moe_intermediate_size,
-        "dense_intermediate_size": src.intermediate_size,
-        "dense_layers": dense_layers(src),
-        "norm_placement": "pre",
-        "clip_qkv": None,
-        "router_jitter_noise": 0.0,
-        "num_experts": src.num_experts,
-        "num_experts_per_tok": src.num_experts_per_tok,
-        "norm_topk_prob": bool(src.norm_topk_prob),
-        # transformers' Qwen-MoE loss is K at balance, ours 1.0: scale so the gradient is the same.
-        "router_aux_loss_coef": src.router_aux_loss_coef * src.num_experts_per_tok,
-        "output_router_logits": src.output_router_logits,
-    }
+    return (
+        decoder_config_fields(src)
+        | {
+            "intermediate_size": src.moe_intermediate_size,
+            "dense_intermediate_size": src.intermediate_size,
+            "dense_layers": dense_layers(src),
+            "norm_placement": "pre",
+            "clip_qkv": None,
+            "router_jitter_noise": 0.0,
+            "norm_topk_prob": bool(src.norm_topk_prob),
+        }
+        | router_fields(src, src.num_experts)
+    )
 
 
 def default_moe_fields(src: Qwen3MoeConfig) -> dict:
