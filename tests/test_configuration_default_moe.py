@@ -1,8 +1,15 @@
-"""DefaultMoeConfig: defaults, round trip, and a clear ValueError naming the field for every invalid value."""
+"""DefaultMoeConfig: defaults, round trip, a clear ValueError naming the field for every invalid value, and the
+tensor- and expert-parallel plans it gives a model."""
+
+import re
 
 import pytest
+import torch
+import transformers
 
 from default_moe import DefaultMoeConfig
+from default_moe.configuration_default_moe import EXPERTS_IN_TP_PLAN
+from tiny_models import tiny_config, tiny_model
 
 
 def test_defaults_follow_the_paper():
@@ -126,3 +133,104 @@ def test_invalid_values_raise_value_error_naming_field(overrides, field, accepte
 def test_explicit_head_dim_allows_non_dividing_hidden_size():
     config = DefaultMoeConfig(hidden_size=100, num_attention_heads=4, head_dim=32)
     assert config.head_dim == 32
+
+
+PLAN_CONFIGS = {
+    "plain": dict(),
+    "dense-first-layer": dict(num_hidden_layers=3, num_dense_layers=1),
+    "olmoe-style": dict(qk_norm="projection"),
+    "qwen-style": dict(num_hidden_layers=3, dense_layers=[1], qk_norm="head", shared_expert_intermediate_size=16),
+    "qwen-tied": dict(
+        num_hidden_layers=3,
+        dense_layers=[1],
+        qk_norm="head",
+        shared_expert_intermediate_size=16,
+        tie_word_embeddings=True,
+    ),
+    "tied": dict(tie_word_embeddings=True),
+}
+
+
+def wildcard(name: str) -> str:
+    """`model.layers.3.mlp.experts` -> `model.layers.*.mlp.experts`, the form plan rules take."""
+    return re.sub(r"\.\d+(?=\.|$)", ".*", name)
+
+
+@pytest.mark.parametrize("name", list(PLAN_CONFIGS))
+def test_parallel_plans_name_exactly_the_modules_the_model_has(name):
+    """Every rule of the model's TP and EP plans (the config's, transformers' embedding rule, the head's) names a
+    module or parameter of the model built from that config; conversely every projection is split by the TP plan
+    (the shared expert's one-output gate and the router stay replicated), a tied embedding with its head, and the
+    experts by the EP plan (and by the TP plan only up to transformers 5.24)."""
+    model = tiny_model(**PLAN_CONFIGS[name])
+    names = {wildcard(n) for n, _ in [*model.named_modules(), *model.named_parameters()]}
+    for plan in (model.tp_plan, model.ep_plan):
+        assert set(plan) <= names, set(plan) - names
+    linears = {wildcard(n) for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+    replicated = {"model.layers.*.mlp.gate", "model.layers.*.mlp.shared_expert_gate"}
+    assert linears - replicated <= set(model.tp_plan)
+    assert replicated.isdisjoint(model.tp_plan)
+    if model.config.tie_word_embeddings:
+        assert {"model.embed_tokens", "lm_head"} <= set(model.tp_plan)
+    experts = {"model.layers.*.mlp.experts", "model.layers.*.mlp.experts.gate_up_proj"}
+    experts.add("model.layers.*.mlp.experts.down_proj")
+    assert experts <= set(model.ep_plan)
+    assert (experts <= set(model.tp_plan)) == EXPERTS_IN_TP_PLAN
+    assert experts.isdisjoint(model.tp_plan) == (not EXPERTS_IN_TP_PLAN)
+
+
+def test_parallel_plans_of_a_qwen_style_config():
+    """The whole plans, for a config with every optional module (a dense layer, a shared expert, per-head q/k norms)
+    and tied embeddings. transformers adds the embedding's rule itself (5.20 for tied embeddings, in the config; 5.25
+    for every model with a TP plan, when the model is built)."""
+    model = tiny_model(**PLAN_CONFIGS["qwen-tied"])
+    tp_plan = {
+        "model.embed_tokens": "embedding_rowwise",
+        "model.layers.*.self_attn.q_proj": "colwise",
+        "model.layers.*.self_attn.k_proj": "colwise",
+        "model.layers.*.self_attn.v_proj": "colwise",
+        "model.layers.*.self_attn.o_proj": "rowwise",
+        "model.layers.*.self_attn.q_norm": "replicated_with_grad_allreduce",
+        "model.layers.*.self_attn.k_norm": "replicated_with_grad_allreduce",
+        "model.layers.*.mlp.gate_proj": "colwise",
+        "model.layers.*.mlp.up_proj": "colwise",
+        "model.layers.*.mlp.down_proj": "rowwise",
+        "model.layers.*.mlp.shared_expert.gate_proj": "colwise",
+        "model.layers.*.mlp.shared_expert.up_proj": "colwise",
+        "model.layers.*.mlp.shared_expert.down_proj": "rowwise",
+        "lm_head": "colwise_gather_output",
+    }
+    if EXPERTS_IN_TP_PLAN:  # transformers 5.20-5.24
+        tp_plan |= {
+            "model.layers.*.mlp.experts.gate_up_proj": "packed_colwise",
+            "model.layers.*.mlp.experts.down_proj": "rowwise",
+            "model.layers.*.mlp.experts": "moe_tp_experts",
+        }
+    assert model.tp_plan == tp_plan
+    assert model.ep_plan == {
+        "model.layers.*.mlp.experts.gate_up_proj": "grouped_gemm",
+        "model.layers.*.mlp.experts.down_proj": "grouped_gemm",
+        "model.layers.*.mlp.experts": "ep_dispatch_experts",
+    }
+
+
+@pytest.mark.parametrize(
+    ("fields", "absent"),
+    [
+        (dict(), ("mlp.gate_proj", "mlp.shared_expert")),
+        (
+            dict(num_hidden_layers=2, num_dense_layers=2, shared_expert_intermediate_size=16),
+            ("experts", "shared_expert"),
+        ),
+    ],
+    ids=["no-dense-layer", "no-moe-layer"],
+)
+def test_tensor_parallel_plan_has_no_rule_for_an_absent_module(fields, absent):
+    plan = tiny_config(**fields).base_model_tp_plan
+    assert not [rule for rule in plan if any(part in rule for part in absent)]
+
+
+def test_experts_leave_the_tensor_parallel_plan_from_transformers_5_25():
+    """5.25 deprecates the `moe_tp_experts` style (removal in 5.28) and moves its own MoEs' experts to the EP plan."""
+    release = tuple(int(part) for part in transformers.__version__.split(".")[:2])
+    assert EXPERTS_IN_TP_PLAN == (release < (5, 25))

@@ -3,6 +3,7 @@
 This file is copied next to every checkpoint and may import only transformers.
 """
 
+import transformers
 from transformers.configuration_utils import PreTrainedConfig
 
 ROUTINGS = ("default", "topk")
@@ -13,6 +14,11 @@ EMA_SOURCES = ("routed", "unrouted")
 NORM_PLACEMENTS = ("pre", "post")
 QK_NORMS = (False, "projection", "head")
 LAYER_TYPES = ("full_attention", "sliding_attention")
+# Where tensor parallelism alone puts the experts, as transformers' own MoEs do in each release: up to 5.24 the TP
+# plan splits each expert's width (`packed_colwise` + `rowwise` + `moe_tp_experts`, as Mixtral and Qwen3-MoE there);
+# from 5.25 on that style is deprecated (removal in 5.28), the TP plans of Mixtral, OLMoE and the Qwen MoEs name no
+# expert, and the experts are split only by expert parallelism (`ep_size`), replicated under `tp_size` alone.
+EXPERTS_IN_TP_PLAN = tuple(int(part) for part in transformers.__version__.split(".")[:2]) < (5, 25)
 
 
 class DefaultMoeConfig(PreTrainedConfig):
@@ -72,9 +78,10 @@ class DefaultMoeConfig(PreTrainedConfig):
 
     model_type = "default_moe"
     keys_to_ignore_at_inference = ["past_key_values", "cache"]
-    # Expert parallelism through transformers (`DistributedConfig(ep_size=...)`): whole experts per rank, tokens
-    # dispatched inside the experts' standard call. The router stays replicated, so every rank has the unmasked router
-    # probabilities the default term needs.
+    # Expert parallelism through transformers (`DistributedConfig(ep_size=...)`), the same on every release: whole
+    # experts per rank, tokens dispatched inside the experts' standard call (with 5.24's default
+    # `ep_implementation="auto"`: all-to-all in training, so each pair's output reaches every rank that holds its
+    # token). The router stays replicated, so every rank has the unmasked router probabilities the default term needs.
     base_model_ep_plan = {
         "layers.*.mlp.experts.gate_up_proj": "grouped_gemm",
         "layers.*.mlp.experts.down_proj": "grouped_gemm",
@@ -132,12 +139,16 @@ class DefaultMoeConfig(PreTrainedConfig):
 
     def _tensor_parallel_plan(self) -> dict[str, str]:
         """`base_model_tp_plan`, set per config in `__post_init__` (transformers reads it from the instance, never
-        saves it, and 5.20 adds the tied embedding's rule to it there): tensor parallelism through transformers
-        (`tp_plan="auto"`), as Mixtral: attention heads colwise/rowwise, each expert's width split and the partial
-        expert outputs all-reduced, the dense MLPs colwise/rowwise; the router and the shared expert are replicated.
-        With `qk_norm="projection"` q, k and v are gathered for the norm over the whole projection (as OLMoE); with
-        `qk_norm="head"` the per-head norm weights are replicated and their gradients, each rank's from its own
-        heads, all-reduced (as Qwen3-MoE)."""
+        saves it, and 5.20 adds the tied embedding's rule to it there), with a rule for exactly the modules this
+        config has: tensor parallelism through transformers (`tp_plan="auto"`), as its own MoEs: attention heads
+        colwise/rowwise; the dense layers' MLPs and the shared expert colwise/rowwise (as DeepSeek-V3's shared
+        experts); the router and the shared expert's gate replicated. With `qk_norm="projection"` q, k and v are
+        gathered for the norm over the whole projection (as OLMoE); with `qk_norm="head"` the per-head norm weights
+        are replicated and their gradients, each rank's from its own heads, all-reduced (as Qwen3-MoE). The experts:
+        see `EXPERTS_IN_TP_PLAN`; the block adds the default term once, after the experts' outputs are complete.
+        The embedding's `embedding_rowwise` comes from transformers itself (5.20 adds it for tied embeddings, 5.24 and
+        5.25 for any model with a TP plan), `lm_head`'s `colwise_gather_output` from `DefaultMoeForCausalLM._tp_plan`
+        (as Llama and Qwen3): both split on the vocabulary, so a tied pair stays one tensor."""
         if self.qk_norm == "projection":
             attention = {"q_proj": "colwise_gather_output", "k_proj": "colwise_gather_output"}
             attention |= {"v_proj": "colwise_gather_output", "o_proj": "rowwise_split_input"}
@@ -146,10 +157,15 @@ class DefaultMoeConfig(PreTrainedConfig):
         if self.qk_norm == "head":
             attention |= {"q_norm": "replicated_with_grad_allreduce", "k_norm": "replicated_with_grad_allreduce"}
         plan = {f"layers.*.self_attn.{name}": style for name, style in attention.items()}
-        plan |= {"layers.*.mlp.gate_proj": "colwise", "layers.*.mlp.up_proj": "colwise"}  # the dense layers
-        plan |= {"layers.*.mlp.down_proj": "rowwise"}
-        plan |= {"layers.*.mlp.experts.gate_up_proj": "packed_colwise", "layers.*.mlp.experts.down_proj": "rowwise"}
-        plan |= {"layers.*.mlp.experts": "moe_tp_experts"}
+        mlps = ["mlp"] if self.dense_layers else []
+        if self.moe_layers and self.shared_expert_intermediate_size is not None:
+            mlps.append("mlp.shared_expert")
+        for mlp in mlps:
+            plan |= {f"layers.*.{mlp}.gate_proj": "colwise", f"layers.*.{mlp}.up_proj": "colwise"}
+            plan |= {f"layers.*.{mlp}.down_proj": "rowwise"}
+        if self.moe_layers and EXPERTS_IN_TP_PLAN:  # each expert's width split, partial outputs all-reduced
+            plan |= {"layers.*.mlp.experts.gate_up_proj": "packed_colwise", "layers.*.mlp.experts.down_proj": "rowwise"}
+            plan |= {"layers.*.mlp.experts": "moe_tp_experts"}
         return plan
 
     def __post_init__(self, **kwargs):

@@ -805,6 +805,7 @@ class DefaultMoeCausalLMOutputWithPast(CausalLMOutputWithPast):
 
 class DefaultMoeForCausalLM(DefaultMoePreTrainedModel, GenerationMixin):
     _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
+    _tp_plan = {"lm_head": "colwise_gather_output"}
 
     def __init__(self, config: DefaultMoeConfig):
         super().__init__(config)
