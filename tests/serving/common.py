@@ -30,8 +30,6 @@ CHECKPOINTS = {
 LOGPROB_ATOL = 1e-4
 # What the warm defaults move the greedy logprobs by (at least), so "differs" is not float noise.
 DEFAULTS_EFFECT = 1e-2
-# The chat template `transformers serve` needs: the message text as it is, so the prompt tokens are PROMPTS'.
-CHAT_TEMPLATE = "{% for message in messages %}{{ message['content'] }}{% endfor %}"
 KV_CACHE_BYTES = 1 << 26  # 64 MiB: 16,384 tokens of KV cache for these models
 SERVER_START_TIMEOUT = 900  # seconds; vLLM's CPU startup takes minutes on a busy 2-core machine
 
@@ -45,9 +43,7 @@ def tokenizer():
     backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     backend.decoder = decoders.WordPiece(prefix="##")  # joins words with spaces
-    tok = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", eos_token="<eos>", pad_token="<pad>")
-    tok.chat_template = CHAT_TEMPLATE
-    return tok
+    return PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", eos_token="<eos>", pad_token="<pad>")
 
 
 def prompt_text(ids: list[int]) -> str:

@@ -1,7 +1,7 @@
 """Checkpoints and transformers references for the serving tests (`make test-serving`).
 
 These tests need a serving engine, which lives in its own environment (`.venv/serving`: vLLM CPU pins a transformers
-below our floor), so the normal `pytest` run does not collect them: a test file here is collected only where its engine
+below our floor), so the normal `pytest` run does not collect them: the test files here are collected only where vLLM
 is importable. In the serving environment nothing is left out, and nothing here skips.
 
 Both checkpoints are trained a few steps (their EMA defaults are warm), saved with the remote code next to the weights,
@@ -17,15 +17,7 @@ import torch
 
 from serving.common import CHECKPOINTS, MAX_NEW_TOKENS, PROMPTS, Greedy, tokenizer, train, zero_defaults
 
-collect_ignore = [
-    name
-    for name, engine in (
-        ("test_vllm.py", "vllm"),
-        ("test_vllm_server.py", "vllm"),
-        ("test_transformers_serve.py", "vllm"),
-    )
-    if importlib.util.find_spec(engine) is None
-]
+collect_ignore_glob = ["test_*.py"] if importlib.util.find_spec("vllm") is None else []
 
 
 @pytest.fixture(scope="session")
