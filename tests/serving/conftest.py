@@ -10,6 +10,7 @@ environment, i.e. on the transformers release vLLM pins.
 """
 
 import importlib.util
+import os
 from pathlib import Path
 
 import pytest
@@ -18,6 +19,8 @@ import torch
 from serving.common import CHECKPOINTS, MAX_NEW_TOKENS, PROMPTS, Greedy, tokenizer, train, zero_defaults
 
 collect_ignore_glob = ["test_*.py"] if importlib.util.find_spec("vllm") is None else []
+# No usage report from vLLM (it would try the network), for its engines here and the servers these tests start.
+os.environ["VLLM_NO_USAGE_STATS"] = "1"
 
 
 @pytest.fixture(scope="session")
