@@ -64,7 +64,7 @@ def estimator_forward(self, hidden_states, token_mask=None, return_router_losses
     batch_size, seq_len, hidden_size = hidden_states.shape
     x_TH = hidden_states.reshape(-1, hidden_size)
     _, probs_TE, top_k_weights_TK, top_k_index_TK = self.gate(x_TH)
-    out_TH = torch.einsum("tkh,tk->th", self.experts(x_TH, top_k_index_TK).float(), top_k_weights_TK)
+    out_TH = torch.einsum("tkh,tk->th", self._pair_outputs(x_TH, top_k_index_TK).float(), top_k_weights_TK)
     unselected_probs_TE = probs_TE.scatter(1, top_k_index_TK, 0.0)
     default_TH = unselected_probs_TE @ self.default_outputs.ema
     if self.config.default_term == "gradient":  # the model's forward value has no default term

@@ -343,7 +343,7 @@ def dense_straight_through_forward(block, hidden_states, token_mask=None, return
     x_TH = hidden_states.reshape(-1, hidden_states.shape[-1])
     _, probs_TE, top_k_weights_TK, top_k_index_TK = block.gate(x_TH)
     all_experts_TE = torch.arange(block.num_experts).expand(x_TH.shape[0], -1)
-    outputs_TEH = block.experts(x_TH, all_experts_TE)
+    outputs_TEH = block._pair_outputs(x_TH, all_experts_TE)
     weights_TE = probs_TE.scatter(1, top_k_index_TK, top_k_weights_TK)
     y = torch.einsum("teh,te->th", outputs_TEH, weights_TE).view_as(hidden_states)
     return (y, torch.zeros(2)) if return_router_losses else y

@@ -378,5 +378,5 @@ def test_unrouted_defaults_come_from_tokens_not_routed_to_the_expert():
         selected_T = block.gate(x_TH)[3][:, 0]
         for i in range(4):
             others = x_TH[selected_T != i]
-            expected = block.experts(others, torch.full((len(others), 1), i)).mean((0, 1))
+            expected = block.experts(others, torch.full((len(others), 1), i), torch.ones(len(others), 1)).mean(0)
             torch.testing.assert_close(block.default_outputs.ema[i], expected, atol=ATOL, rtol=RTOL)

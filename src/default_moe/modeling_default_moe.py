@@ -28,7 +28,7 @@ from transformers import initialization as init
 from transformers.activations import ACT2FN
 from transformers.cache_utils import Cache, DynamicCache
 from transformers.generation import GenerationMixin
-from transformers.integrations.moe import ExpertsInterface, use_experts_implementation
+from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS, ExpertsInterface, use_experts_implementation
 from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import CausalLMOutputWithPast, MoeModelOutputWithPast
@@ -256,80 +256,61 @@ class DefaultMoeTopKRouter(nn.Module):
 _TORCH_BEFORE_2_11 = tuple(int(part) for part in torch.__version__.split("+")[0].split(".")[:2]) < (2, 11)
 
 
-def _grouped_mm_usable(x_NH: torch.Tensor, weight: torch.Tensor) -> bool:
-    """The rules of transformers' `_can_use_grouped_mm` (integrations/moe.py) for `F.grouped_mm`: not while compiling
-    in a dtype other than bf16 (torch's fake kernel is bf16-only); on CUDA from compute capability 8.0; on CPU with
-    torch 2.10 only for 16-byte aligned inputs (memory-mapped safetensors need not be)."""
-    if torch.compiler.is_compiling():
-        return weight.dtype == torch.bfloat16 and not (weight.device.type == "cpu" and _TORCH_BEFORE_2_11)
-    if weight.device.type == "cuda":
-        return torch.cuda.get_device_capability(weight.device) >= (8, 0)
-    if weight.device.type == "cpu" and _TORCH_BEFORE_2_11:
-        return weight.data_ptr() % 16 == 0 and x_NH.data_ptr() % 16 == 0
+def _grouped_mm_usable(experts) -> bool:
+    """Whether torch's grouped GEMM runs on these experts' weights, forward and backward.
+
+    torch checks each operand of `F.grouped_mm` (ATen GroupedMMUtils.h): of its last two dims one has stride 1 and
+    the other a stride that is a multiple of 16 bytes; off CPU (and on CPU before torch 2.11) its data pointer must
+    be 16-byte aligned too. The operands here are the tokens (N, H), the transposed weights, the gated activations
+    (N, I) and their gradients, so H and I times the element size must be multiples of 16 bytes: multiples of 4
+    elements in float32, of 8 in bfloat16 and float16. The other rules are transformers' `_can_use_grouped_mm`
+    (integrations/moe.py): while compiling, bf16 only (torch's fake kernel is bf16-only); on CUDA, compute
+    capability 8.0 or higher.
+    """
+    weights = (experts.gate_up_proj, experts.down_proj)
+    hidden_size, intermediate_size = experts.down_proj.shape[-2:]
+    row_bytes = experts.down_proj.element_size()
+    if (hidden_size * row_bytes) % 16 or (intermediate_size * row_bytes) % 16:
+        return False
+    device = experts.down_proj.device
+    if torch.compiler.is_compiling():  # data pointers are unknown while tracing
+        return experts.down_proj.dtype == torch.bfloat16 and not (device.type == "cpu" and _TORCH_BEFORE_2_11)
+    if device.type == "cuda" and torch.cuda.get_device_capability(device) < (8, 0):
+        return False
+    if device.type != "cpu" or _TORCH_BEFORE_2_11:  # e.g. memory-mapped safetensors need not be aligned
+        return all(weight.data_ptr() % 16 == 0 for weight in weights)
     return True
 
 
-def _grouped_pair_outputs(experts, hidden_states_TH: torch.Tensor, top_k_index_TK: torch.Tensor) -> torch.Tensor:
-    """(T, H), (T, K) -> (N, H) unweighted outputs of the N = T*K pairs, one grouped GEMM per projection."""
-    top_k = top_k_index_TK.shape[1]
-    # Sort the pairs by expert so each expert's tokens are contiguous for the grouped GEMM. Under expert parallelism,
-    # routes to other ranks' experts carry the id num_experts (local count): they sort last and histc leaves them out,
-    # so the GEMMs skip their rows; the caller zeroes those rows' outputs.
-    expert_ids_N, order_N = torch.sort(top_k_index_TK.reshape(-1), stable=True)
-    # histc, unlike bincount, needs no device-to-host sync on accelerators (counts stay exact below 2**24).
-    counts_E = torch.histc(expert_ids_N.float(), bins=experts.num_experts, min=0, max=experts.num_experts - 1)
-    offsets_E = torch.cumsum(counts_E, dim=0).to(torch.int32)
-    x_NH = hidden_states_TH[order_N // top_k].to(experts.gate_up_proj.dtype)
-    if not _grouped_mm_usable(x_NH, experts.gate_up_proj):
-        return _batched_pair_outputs(experts, hidden_states_TH, top_k_index_TK)
-    gate_up_N2I = F.grouped_mm(x_NH, experts.gate_up_proj.transpose(-2, -1), offs=offsets_E)
-    out_NH = F.grouped_mm(experts.gated(gate_up_N2I), experts.down_proj.transpose(-2, -1), offs=offsets_E)
-    # Undo the sort: pair n of the flat (T*K) order sits at position inverse[n] of the sorted order.
-    inverse_N = torch.empty_like(order_N)
-    inverse_N[order_N] = torch.arange(order_N.numel(), device=order_N.device)
-    return out_NH[inverse_N]
+def _experts_forward(experts, hidden_states_TH, top_k_index_TK, top_k_weights_TK) -> torch.Tensor:
+    """transformers' experts call, (T, H), (T, K), (T, K) -> (T, H) = sum_k w_k E_k(x), run by the function transformers
+    registers as "grouped_mm" ("eager" is that too) or "batched_mm", looked up at call time, so a fix, a faster kernel
+    or a patch under that name is what runs. Where torch's grouped GEMM cannot run (`_grouped_mm_usable`: any width
+    works, whichever is selected), transformers' "batched_mm": one batched matmul per projection over each pair's own
+    expert weights, any dtype, device or compiler, at N x 2I x H gathered weights."""
+    batched = experts.config._experts_implementation == "batched_mm" or not _grouped_mm_usable(experts)
+    experts_function = ALL_EXPERTS_FUNCTIONS["batched_mm" if batched else "grouped_mm"]
+    return experts_function(experts, hidden_states_TH, top_k_index_TK, top_k_weights_TK)
 
 
-def _batched_pair_outputs(experts, hidden_states_TH: torch.Tensor, top_k_index_TK: torch.Tensor) -> torch.Tensor:
-    """(T, H), (T, K) -> (N, H) like `_grouped_pair_outputs`, as one batched matmul per projection over each pair's
-    own expert weights (transformers' `batched_mm`): any dtype, device or compiler, at N x 2I x H gathered weights."""
-    expert_ids_N = top_k_index_TK.reshape(-1).clamp(max=experts.num_experts - 1)  # expert-parallel routes elsewhere
-    x_NH = hidden_states_TH.repeat_interleave(top_k_index_TK.shape[1], dim=0).to(experts.gate_up_proj.dtype)
-    gate_up_N2I = torch.bmm(experts.gate_up_proj[expert_ids_N], x_NH.unsqueeze(-1)).squeeze(-1)
-    return torch.bmm(experts.down_proj[expert_ids_N], experts.gated(gate_up_N2I).unsqueeze(-1)).squeeze(-1)
-
-
-def _experts_forward(experts, hidden_states_TH, top_k_index_TK, top_k_weights_TK=None) -> torch.Tensor:
-    """transformers' experts call, (T, H), (T, K), (T, K) -> (T, H) = sum_k w_k E_k(x) in the input dtype; without
-    weights, the unweighted output of every selected pair, (T, K, H) in the weights' dtype (for the EMA)."""
-    num_tokens, top_k = top_k_index_TK.shape
-    pair_outputs = _PAIR_OUTPUTS.get(experts.config._experts_implementation, _grouped_pair_outputs)
-    out_TKH = pair_outputs(experts, hidden_states_TH, top_k_index_TK).view(num_tokens, top_k, -1)
-    if experts._is_expert_parallel:  # routes to other ranks' experts add nothing here (and their rows are not set)
-        out_TKH = out_TKH.masked_fill((top_k_index_TK >= experts.num_experts).unsqueeze(-1), 0.0)
-    if top_k_weights_TK is None:
-        return out_TKH
-    return torch.einsum("tkh,tk->th", out_TKH.float(), top_k_weights_TK.float()).to(hidden_states_TH.dtype)
-
-
-# `experts_implementation=` / `set_experts_implementation` choose among these as for transformers' own MoEs:
-# "grouped_mm" (the default, falling back to the batched path where grouped_mm cannot run) and "batched_mm" are
-# ours, because the EMA needs per-pair outputs from the same kernels; "eager" is the class's own forward (the grouped
-# path); transformers' other registered kernels serve the standard call.
-_PAIR_OUTPUTS = {"grouped_mm": _grouped_pair_outputs, "batched_mm": _batched_pair_outputs}
+# `experts_implementation=` / `set_experts_implementation` choose among transformers' registered experts functions as
+# for its own MoEs; "grouped_mm" and "batched_mm" go through `_experts_forward`, which falls back from the first to the
+# second where grouped GEMMs cannot run. Expert parallelism's routes to other ranks' experts are handled by those
+# functions (`_is_expert_parallel`).
 DEFAULT_MOE_EXPERTS_FUNCTIONS = ExpertsInterface()
-for _name in _PAIR_OUTPUTS:
+for _name in ("grouped_mm", "batched_mm"):
     DEFAULT_MOE_EXPERTS_FUNCTIONS[_name] = _experts_forward
 
 
 @use_experts_implementation(experts_interface=DEFAULT_MOE_EXPERTS_FUNCTIONS)
 class DefaultMoeExperts(nn.Module):
-    """E SwiGLU experts as fused 3-D weights: `gate_up_proj` (E, 2I, H), gate half first, and `down_proj` (E, H, I).
+    """E SwiGLU experts as fused 3-D weights: `gate_up_proj` (E, 2I, H), gate half first, and `down_proj` (E, H, I),
+    no biases: the layout transformers' experts functions read (the decorator sets `has_gate=True`, `has_bias=False`,
+    `is_transposed=False` and `_apply_gate`, act(gate) * up).
 
-    `experts(hidden_states, top_k_index, top_k_weights)` is transformers' experts interface (the call serving
-    engines replace with their fused kernels); `experts(hidden_states, top_k_index)` gives the *unweighted* output
-    of every selected pair instead, which training needs for the EMA statistics, from the same kernels (a call that
-    PEFT's parameter wrappers pass through).
+    `experts(hidden_states, top_k_index, top_k_weights)` is transformers' experts interface, the call serving engines
+    replace with their fused kernels. Training gets each pair's unweighted output for the EMA through the same call
+    (`DefaultMoeSparseMoeBlock._pair_outputs`).
     """
 
     def __init__(self, config: DefaultMoeConfig):
@@ -341,12 +322,8 @@ class DefaultMoeExperts(nn.Module):
         self.down_proj = nn.Parameter(torch.empty(config.num_experts, config.hidden_size, config.intermediate_size))
         self.act_fn = ACT2FN[config.hidden_act]
 
-    def forward(self, hidden_states_TH, top_k_index_TK, top_k_weights_TK=None) -> torch.Tensor:
+    def forward(self, hidden_states_TH, top_k_index_TK, top_k_weights_TK) -> torch.Tensor:
         return _experts_forward(self, hidden_states_TH, top_k_index_TK, top_k_weights_TK)
-
-    def gated(self, gate_up_N2I: torch.Tensor) -> torch.Tensor:
-        gate_NI, up_NI = gate_up_N2I.chunk(2, dim=-1)
-        return self.act_fn(gate_NI) * up_NI
 
 
 class DefaultMoeDefaults(nn.Module):
@@ -437,13 +414,11 @@ class DefaultMoeSparseMoeBlock(nn.Module):
         return out_BSH, self._router_losses(router_logits_TE, probs_TE, counts_E, token_mask)
 
     def _pair_outputs(self, x_TH: torch.Tensor, top_k_index_TK: torch.Tensor) -> torch.Tensor:
-        """(T, H), (T, K) -> (T, K, H): every selected pair's unweighted expert output."""
-        if not getattr(self.experts, "_is_expert_parallel", False):
-            return self.experts(x_TH, top_k_index_TK)
-        # Expert parallelism exchanges tokens inside the standard call only: send each pair as its own top-1 route
-        # with unit weight, and what comes back, from whichever rank holds the expert, is that pair's output.
+        """(T, H), (T, K) -> (T, K, H): every selected pair's unweighted expert output, from the standard experts call
+        with each pair sent as its own top-1 route of unit weight. So whatever serves that call computes it too: the
+        selected registered kernel, PEFT's wrapped weights, expert parallelism's token exchange."""
         num_tokens, top_k = top_k_index_TK.shape
-        ones_N1 = torch.ones(num_tokens * top_k, 1, device=x_TH.device)
+        ones_N1 = torch.ones(num_tokens * top_k, 1, dtype=x_TH.dtype, device=x_TH.device)
         pairs_NH = self.experts(x_TH.repeat_interleave(top_k, dim=0), top_k_index_TK.reshape(-1, 1), ones_N1)
         return pairs_NH.view(num_tokens, top_k, -1)
 
