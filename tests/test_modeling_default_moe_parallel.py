@@ -8,10 +8,11 @@ same logits and EMA. Models with and without dense layers, with a shared expert,
 Under tensor parallelism alone the experts are held as the running release's own MoEs hold them
 (`EXPERTS_IN_TP_PLAN`): up to transformers 5.24 each rank holds a slice of every expert and the partial outputs are
 all-reduced before the block adds the default term once; from 5.25 on every rank holds them whole. Under expert
-parallelism tokens go to the rank that holds their expert and come back (in training, with 5.24's default
-`ep_implementation="auto"`, through all-to-all), so the per-pair outputs the EMA needs are complete on every rank; with
-`fsdp_size` the ranks hold different halves of the batch and the all-reduced EMA statistics make the defaults those
-of the whole batch. Loading, training and saving log no deprecation and no plan rule that matches nothing.
+parallelism tokens go to the rank that holds their expert and come back (in training with 5.24's
+`ep_implementation="auto"`, i.e. all-to-all, or with "all_reduce"), so the per-pair outputs the EMA needs are
+complete on every rank; with `fsdp_size` the ranks hold different halves of the batch and the all-reduced EMA
+statistics make the defaults those of the whole batch. Loading, training and saving log no deprecation and no plan
+rule that matches nothing.
 """
 
 import json
@@ -19,6 +20,7 @@ import json
 import pytest
 import torch
 import transformers
+from transformers.distributed import DistributedConfig
 
 from default_moe import DefaultMoeForCausalLM
 from default_moe.configuration_default_moe import EXPERTS_IN_TP_PLAN
@@ -51,6 +53,11 @@ JOBS = {  # name: (model, DistributedConfig)
     "tied-tp2": ("qwen-tied", dict(tp_size=2, tp_plan="auto")),
     "tied-tp2-ep2": ("qwen-tied", dict(tp_size=2, tp_plan="auto", ep_size=2)),
 }
+if "ep_implementation" in DistributedConfig.__dataclass_fields__:  # 5.24 on; "auto" trains through all-to-all
+    JOBS["tp2-ep2-all-reduce"] = (
+        "llama-style",
+        dict(tp_size=2, tp_plan="auto", ep_size=2, ep_implementation="all_reduce"),
+    )
 
 
 def warm_model(name="llama-style"):
