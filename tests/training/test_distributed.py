@@ -12,7 +12,6 @@ under PyTorch's FSDP2 (`fully_shard`, parameters sharded as DTensors) on CPU/glo
 
 import json
 import os
-import shutil
 import socket
 import subprocess
 import sys
@@ -24,15 +23,14 @@ from safetensors.torch import load_file
 from default_moe.cli import main
 from training.helpers import TINY_RUN
 
-ACCELERATE = shutil.which("accelerate")
-pytestmark = pytest.mark.skipif(ACCELERATE is None, reason="accelerate's launcher is not on PATH")
-
 
 def launch() -> list[str]:
     with socket.socket() as probe:  # a free port for this launch's rendezvous
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    argv = [ACCELERATE or "accelerate", "launch", "--num_processes", "2", "--num_machines", "1"]
+    # `accelerate launch` from this interpreter's environment, whatever is on PATH.
+    argv = [sys.executable, "-m", "accelerate.commands.accelerate_cli", "launch", "--num_processes", "2"]
+    argv += ["--num_machines", "1"]
     return argv + ["--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(port)]
 
 
@@ -40,7 +38,8 @@ RUN = [a for a in TINY_RUN if a != "--logging-steps" and a != "1"] + ["--logging
 
 
 def _env():
-    env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
+    # PATH without this environment's bin, as in CI: the launcher and its workers come from sys.executable.
+    env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", PATH=os.defpath)
     env.pop("DEFAULT_MOE_DEBUG", None)
     return env
 
