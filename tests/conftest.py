@@ -11,13 +11,11 @@
 
 import logging
 import os
-import re
 import warnings
 
 import pytest
 
-LIBRARIES = ("transformers", "torch", "peft", "accelerate", "trl")
-DEPRECATION = re.compile(r"deprecat|will be removed|removal in v\d", re.IGNORECASE)
+from deprecations import DEPRECATION, LIBRARIES
 
 # Reasons a test may skip in CI, and why each is legitimate there.
 SKIPS_ALLOWED_IN_CI = {

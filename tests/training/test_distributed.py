@@ -21,6 +21,7 @@ import torch
 from safetensors.torch import load_file
 
 from default_moe.cli import main
+from deprecations import deprecations_in
 from training.helpers import TINY_RUN
 
 
@@ -54,6 +55,7 @@ def test_accelerate_ddp_on_cpu_matches_one_process_and_keeps_ema_in_sync(tmp_pat
     argv += ["--output-dir", str(ddp), "--dump-ema", str(ddp / "ema"), "--save-steps", "6"]
     done = subprocess.run(argv, env=_env(), capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
+    assert not deprecations_in(done.stderr), deprecations_in(done.stderr)
     assert "model saved to" in done.stdout and done.stdout.count("model saved to") == 1  # only rank 0 saves/prints
 
     # The same run in one process with the global batch (2 ranks x 2 sequences).
