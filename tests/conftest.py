@@ -1,7 +1,8 @@
 """Two rules for the whole suite.
 
 1. A deprecation fails the test that triggers it. pyproject's `filterwarnings` makes FutureWarning and
-   DeprecationWarning errors (and lists, each with its reason, the ones we accept). Libraries also announce
+   DeprecationWarning errors; the ones we accept, each with its reason, are in deprecations.py (one list for this
+   process and for the processes the tests start) and are added here as "ignore" entries. Libraries also announce
    deprecations through their loggers (transformers' `logger.warning_once("... deprecated ...")`, "removal in
    v5.28"); those are not Python warnings, so a handler on the libraries' loggers re-raises each such record as a
    FutureWarning, at the call that logged it, where the same filters decide.
@@ -15,7 +16,7 @@ import warnings
 
 import pytest
 
-from deprecations import DEPRECATION, LIBRARIES
+from deprecations import ACCEPTED, DEPRECATION, LIBRARIES
 
 # Reasons a test may skip in CI, and why each is legitimate there.
 SKIPS_ALLOWED_IN_CI = {
@@ -28,7 +29,7 @@ _handler_key = pytest.StashKey[logging.Handler]()
 
 
 class DeprecationLogToWarning(logging.Handler):
-    """Re-raises a library's logged deprecation as a FutureWarning (an error unless pyproject ignores it)."""
+    """Re-raises a library's logged deprecation as a FutureWarning (an error unless accepted)."""
 
     def __init__(self):
         super().__init__(logging.WARNING)
@@ -36,10 +37,12 @@ class DeprecationLogToWarning(logging.Handler):
     def emit(self, record):
         message = record.getMessage()
         if DEPRECATION.search(message):
-            warnings.warn(f"{record.name} logged: {message}", FutureWarning, stacklevel=2)
+            warnings.warn(f"{message} (logged by {record.name})", FutureWarning, stacklevel=2)
 
 
 def pytest_configure(config):
+    for pattern in ACCEPTED:  # after pyproject's "error" entries, so these win
+        config.addinivalue_line("filterwarnings", f"ignore:{pattern}")
     handler = DeprecationLogToWarning()
     config.stash[_handler_key] = handler
     # Each library's top logger: its modules' records propagate to it (transformers' own root logger does not

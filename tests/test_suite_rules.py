@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from deprecations import deprecations_in
+
 TESTS = Path(__file__).parent
 
 CASES = """
@@ -39,6 +41,15 @@ def test_logged_deprecation():
     assert PretrainedConfig(dtype="float32").torch_dtype == torch.float32  # logs "`torch_dtype` is deprecated!"
 
 
+def test_accepted_deprecation():  # deprecations.ACCEPTED: DDP's broadcast_buffers
+    store = torch.distributed.HashStore()
+    torch.distributed.init_process_group("gloo", store=store, rank=0, world_size=1)
+    try:
+        torch.nn.parallel.DistributedDataParallel(torch.nn.Linear(2, 2), broadcast_buffers=False)
+    finally:
+        torch.distributed.destroy_process_group()
+
+
 def test_logged_warning_that_is_no_deprecation():
     logging.get_logger("transformers.modeling_utils").warning("the checkpoint has no generation config")
 
@@ -58,6 +69,7 @@ EXPECTED = {
     "test_deprecated_argument": ("failure", "failure"),
     "test_deprecation_warning": ("failure", "failure"),
     "test_logged_deprecation": ("failure", "failure"),
+    "test_accepted_deprecation": ("passed", "passed"),
     "test_logged_warning_that_is_no_deprecation": ("passed", "passed"),
     "test_allowed_skip": ("skipped", "skipped"),
     "test_skip_for_a_missing_tool": ("skipped", "failure"),
@@ -90,3 +102,21 @@ def outcomes(request, tmp_path_factory):
 def test_outcome(outcomes, name):
     ci, found = outcomes
     assert found[name] == EXPECTED[name][ci], found
+
+
+# A line of a subprocess's stderr, and whether it is reported as a deprecation.
+STDERR = {
+    "/venv/torch/nn/parallel/distributed.py:971: FutureWarning: `broadcast_buffers` is deprecated. Use "
+    "`forward_sync_buffers` instead. IMPORTANT: ...": False,  # accepted
+    "/work/src/default_moe/x.py:3: FutureWarning: `old` is deprecated": True,
+    "/venv/peft/tuners/lora.py:9: DeprecationWarning: use `new`": True,
+    "[transformers] The `moe_tp_experts` parallel style has been deprecated (removal in v5.28.0).": True,
+    "[transformers] Setting `pad_token_id` to `eos_token_id`.": False,
+    "loss 1.25 deprecated_flag=0": False,
+}
+
+
+@pytest.mark.parametrize("line", STDERR)
+def test_deprecations_in_a_subprocess_stderr(line):
+    stderr = f"starting\n{line}\n  model = DistributedDataParallel(model)\n"
+    assert deprecations_in(stderr) == ([line] if STDERR[line] else [])
