@@ -16,6 +16,15 @@ ACCEPTED = {
         "torch has no replacement yet: its own message says to keep `broadcast_buffers=False` until "
         "`init_sync_buffers` is available (`forward_sync_buffers=False` still syncs at init)."
     ),
+    r"`is_gradient_checkpointing` is deprecated and will be removed in v6": (
+        "transformers 5.25 renamed it `is_activation_checkpointing`; peft 0.21.2 (the newest) still reads the old "
+        "property when it wraps a model (peft_model.py, `get_peft_model`). Inside peft; our code uses neither name."
+    ),
+    r"Passing `generation_config` together with generation-related arguments": (
+        "logged by transformers 5.20's assisted decoding: its candidate generator calls the assistant's `generate` "
+        "with both (candidate_generator.py); our test passes only `max_new_tokens`, `do_sample` and "
+        "`assistant_model`."
+    ),
 }
 
 
