@@ -7,10 +7,12 @@ FLOOR_TRANSFORMERS ?= transformers==5.20.2
 VENV ?= .venv
 PIP = --quiet --disable-pip-version-check
 # What the floor must pass as well: the two Hub-copied files (config, model, generation, compile, remote-code
-# loading) and conversion. The newest release runs everything.
+# loading), conversion, the suite's own rules (deprecations fail) and one `default-moe train` run (TrainingArguments'
+# field names differ by release). The newest release runs everything.
 FLOOR_TESTS = tests/test_configuration_default_moe.py tests/test_modeling_default_moe.py \
 	tests/test_modeling_default_moe_layer.py tests/test_modeling_default_moe_generation.py \
-	tests/test_modeling_default_moe_compile.py tests/test_modeling_default_moe_parallel.py tests/conversion
+	tests/test_modeling_default_moe_compile.py tests/test_modeling_default_moe_parallel.py tests/conversion \
+	tests/test_suite_rules.py tests/training/test_cli.py::test_train_writes_a_complete_reloadable_final_checkpoint
 
 .PHONY: install demo test test-newest test-floor test-serving lint bench
 
@@ -21,13 +23,16 @@ install:
 demo: install
 	default-moe demo
 
+# The libraries whose versions a test run reports (the suite fails on their deprecations).
+TESTED = ('torch', 'transformers', 'peft', 'accelerate', 'trl')
+
 # A fresh environment per transformers release: $(1) its folder, $(2) an extra requirement (the pinned release).
 define fresh_env
 	rm -rf $(1)
 	$(PYTHON) -m venv $(1)
 	$(1)/bin/python -m pip install $(PIP) $(TORCH)
 	$(1)/bin/python -m pip install $(PIP) -e ".[dev]" $(2)
-	$(1)/bin/python -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)"
+	$(1)/bin/python -c "from importlib.metadata import version as v; print(*(f'{p} {v(p)}' for p in $(TESTED)), sep=', ')"
 endef
 
 test: test-newest test-floor

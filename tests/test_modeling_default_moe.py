@@ -18,7 +18,7 @@ from transformers.utils import logging as hf_logging
 
 from default_moe import DefaultMoeForCausalLM
 from default_moe.modeling_default_moe import DefaultMoeSparseMoeBlock
-from tiny_models import QWEN_STYLE, random_ids, tiny_model
+from tiny_models import QWEN_STYLE, enable_activation_checkpointing, random_ids, tiny_model
 
 
 def moe_blocks(model):
@@ -73,11 +73,7 @@ CHECKPOINT_CONFIGS = [
 def test_activation_checkpointing_gives_identical_ema_and_gradients(overrides, use_reentrant):
     reference = train_steps(tiny_model(**overrides))
     model = tiny_model(**overrides)
-    kwargs = {"use_reentrant": use_reentrant}
-    if hasattr(model, "activation_checkpointing_enable"):  # the name from transformers 5.23 (the old one warns)
-        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
-    else:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    enable_activation_checkpointing(model, use_reentrant)
     checkpointed = train_steps(model)
     for (loss, ema, grads), (ref_loss, ref_ema, ref_grads) in zip(checkpointed, reference):
         torch.testing.assert_close(loss, ref_loss, atol=0, rtol=0)

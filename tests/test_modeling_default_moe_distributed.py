@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from deprecations import deprecations_in
 from tiny_models import random_ids, tiny_model
 from workers.ddp_ema import global_batch, run
 from workers.trainer_grads import train_one_step
@@ -32,6 +33,7 @@ def torchrun(script, *args):
         [*command, str(WORKERS / script), *args], env=env, capture_output=True, text=True, timeout=600
     )
     assert result.returncode == 0, result.stderr[-3000:]
+    assert not deprecations_in(result.stderr), deprecations_in(result.stderr)  # the workers' rule, as in-process
 
 
 DDP_JOBS = {

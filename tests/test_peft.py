@@ -17,6 +17,7 @@ from transformers import AutoModelForCausalLM, Trainer, TrainingArguments
 from default_moe import DefaultMoeForCausalLM
 from default_moe.peft import lora_config
 from tiny_checkpoint import INPUT_IDS, ema_state, hub_env, run_clean, tiny_model
+from tiny_models import enable_activation_checkpointing
 
 
 @pytest.fixture(scope="module")
@@ -273,9 +274,7 @@ def _one_step(checkpointing: str | None):
     model = tiny_model(seed=3, num_hidden_layers=3)
     peft_model = get_peft_model(model, lora_config(r=2, model=model, init_lora_weights="gaussian"))
     if checkpointing:
-        peft_model.gradient_checkpointing_enable(
-            gradient_checkpointing_kwargs={"use_reentrant": checkpointing == "reentrant"}
-        )
+        enable_activation_checkpointing(peft_model, use_reentrant=checkpointing == "reentrant")
         peft_model.enable_input_require_grads()
     peft_model.train()
     peft_model(input_ids=INPUT_IDS, labels=INPUT_IDS).loss.backward()

@@ -10,6 +10,7 @@ import torch
 import default_moe
 from default_moe import DefaultMoeConfig, DefaultMoeForCausalLM
 from default_moe.conversion.calibrate import warm_defaults
+from deprecations import deprecations_in
 
 SRC = Path(default_moe.__file__).resolve().parent.parent  # the folder the editable install puts on sys.path
 INPUT_IDS = torch.tensor([[1, 5, 9, 2, 7, 3, 11, 4], [6, 2, 8, 10, 1, 12, 3, 9]])
@@ -98,4 +99,5 @@ def run_clean(script: str, cwd: Path, env: dict[str, str], timeout: float = 300)
         [sys.executable, "-I", str(path)], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout
     )
     assert result.returncode == 0, f"clean subprocess failed:\n{result.stdout}\n{result.stderr[-4000:]}"
+    assert not deprecations_in(result.stderr), deprecations_in(result.stderr)  # the Hub files on this release
     return result

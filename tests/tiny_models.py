@@ -1,6 +1,7 @@
 """Tiny Default MoE configurations shared by the tests (importable because pyproject puts tests/ on sys.path)."""
 
 import torch
+from transformers import PreTrainedModel, TrainingArguments
 
 from default_moe import DefaultMoeConfig, DefaultMoeForCausalLM
 
@@ -50,3 +51,22 @@ def tiny_model(seed: int = 0, **overrides) -> DefaultMoeForCausalLM:
 
 def random_ids(batch: int = 2, seq: int = 12, vocab: int = TINY["vocab_size"], seed: int = 1) -> torch.Tensor:
     return torch.randint(0, vocab, (batch, seq), generator=torch.Generator().manual_seed(seed))
+
+
+# transformers 5.23 renamed gradient checkpointing to activation checkpointing; the old names warn from 5.25, and
+# 5.20-5.22 know only them.
+NEW_CHECKPOINTING_NAMES = hasattr(PreTrainedModel, "activation_checkpointing_enable")
+
+
+def enable_activation_checkpointing(model, use_reentrant: bool) -> None:
+    kwargs = {"use_reentrant": use_reentrant}
+    if NEW_CHECKPOINTING_NAMES:
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+
+def checkpointing_argument(enabled: bool) -> dict[str, bool]:
+    """The TrainingArguments field that turns activation checkpointing on, under the running release's name."""
+    new = "activation_checkpointing" in TrainingArguments.__dataclass_fields__
+    return {"activation_checkpointing" if new else "gradient_checkpointing": enabled}

@@ -14,6 +14,7 @@ from default_moe.peft import lora_config
 from default_moe.training import DefaultMoeCallback
 from default_moe.training.data import PackedDataset
 from default_moe.training.trainer import preset_config
+from tiny_models import checkpointing_argument
 
 VOCAB, SEQ, BATCH = 128, 16, 4
 
@@ -45,7 +46,7 @@ def make_trainer(
         save_strategy="no",
         report_to="none",
         disable_tqdm=True,
-        gradient_checkpointing=checkpointing,
+        **checkpointing_argument(checkpointing),
         dataloader_pin_memory=False,
     )
     return Trainer(

@@ -116,6 +116,8 @@ def training_arguments(args: argparse.Namespace, evaluate: bool, output_dir: str
     eval_strategy = "no"
     if evaluate:
         eval_strategy = "steps" if args.eval_steps else "no"
+    # transformers 5.23 renamed gradient_checkpointing (the old name warns from 5.25; 5.20-5.22 know only it).
+    checkpointing = "activation_checkpointing" if "activation_checkpointing" in known else "gradient_checkpointing"
     values = dict(
         output_dir=output_dir or args.output_dir,
         max_steps=args.max_steps,
@@ -129,7 +131,7 @@ def training_arguments(args: argparse.Namespace, evaluate: bool, output_dir: str
         per_device_eval_batch_size=args.eval_batch_size or args.batch_size,
         gradient_accumulation_steps=args.grad_accum,
         bf16=args.bf16,
-        activation_checkpointing=args.gradient_checkpointing,
+        **{checkpointing: args.gradient_checkpointing},
         logging_steps=args.logging_steps,
         eval_strategy=eval_strategy,
         eval_steps=args.eval_steps,
