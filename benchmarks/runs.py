@@ -76,9 +76,8 @@ def _die_with_parent() -> None:
 
 
 def _call(fn_and_job):
-    import torch
-
-    torch.set_num_threads(1)
+    if "torch" in sys.modules:  # one thread per run (a run's own work may set it again)
+        sys.modules["torch"].set_num_threads(1)
     fn, job = fn_and_job
     return job, fn(job)
 
