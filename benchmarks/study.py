@@ -44,7 +44,7 @@ SIZES = {
     "s": dict(hidden=64, inter=128, layers=4, heads=4),
     "m": dict(hidden=128, inter=256, layers=4, heads=4),
     "l": dict(hidden=256, inter=512, layers=4, heads=4),
-    # GPU plan (8 layers): about 9M, 60M and 400M parameters at 8e-top1
+    # GPU plan (8 layers): 25M, 98M and 393M parameters at 8e-top1 (5.4M, 21M and 84M active)
     "g-s": dict(hidden=256, inter=512, layers=8, heads=4),
     "g-m": dict(hidden=512, inter=1024, layers=8, heads=8),
     "g-l": dict(hidden=1024, inter=2048, layers=8, heads=16),
@@ -132,10 +132,14 @@ def plan(kind: str) -> dict:
             train_bytes=4_000_000,
             valid_bytes=1_000_000,
             probe_stride=64,
-            # smallest first, each grid centred at a guess (lower for wider models), 8.4M tokens each
+            # smallest first, each grid centred at a guess (lower for wider models); 256 and 128 steps
             study=[
-                tuned("gpu", _cell(size, 8_388_608, tps), arms, centre, [1.0, 0.5, 2.0], [0], seeds)
-                for size, centre in (("g-s", 2e-3), ("g-m", 1e-3), ("g-l", 5e-4))
+                tuned("gpu", _cell(size, tokens, tps), arms, centre, [1.0, 0.5, 2.0], [0], seeds)
+                for size, tokens, centre in (
+                    ("g-s", 8_388_608, 2e-3),
+                    ("g-m", 8_388_608, 1e-3),
+                    ("g-l", 4_194_304, 5e-4),
+                )
             ],
         )
     if kind != "cpu":
