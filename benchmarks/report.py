@@ -302,7 +302,7 @@ def render_quality(q: dict, command: str) -> str:
     out = [
         f"### Quality: small-scale pretraining\n\nCommand: `{command}`. Byte-level LM on the built-in corpus, "
         f"{s['layers']} layers (first {s['dense_layers']} dense), hidden {s['hidden']}, {s['experts']} experts "
-        f"top-{s['top_k']} (I={s['inter']}, no renormalisation, beta {s.get('beta', 'per shape (method.SHAPES)')}), {s['batch']}x{s['seq']} tokens "
+        f"top-{s['top_k']} (I={s['inter']}, no renormalisation, beta {s['beta']}), {s['batch']}x{s['seq']} tokens "
         f"per step, AdamW (0.9, 0.95), weight decay 0.1, clip 1.0, {s['warmup']} warm-up steps then constant LR "
         f"{s['lr']:g}, seeds {s['seeds']} (same seed = same initial weights and batches for every variant). "
         "Validation loss (nats/byte) on a fixed held-out set:\n"
@@ -406,7 +406,8 @@ def render_method(m: dict, command: str) -> str:
     out = [
         f"### Method: the paper's protocol at our scale\n\nCommand: `{command}`. Byte-level LM on the built-in corpus, "
         f"{mo['layers']} layers (first dense), hidden {mo['hidden']}, expert width {mo['inter']}, {mo['heads']} heads, "
-        f"{s['batch']}x{s['seq']} tokens per step, no renormalisation, beta {s.get('beta', 'per shape (method.SHAPES)')}, Switch load balancing 0.01, "
+        f"{s['batch']}x{s['seq']} tokens per step, no renormalisation, "
+        f"beta {s.get('beta', 'per shape (0.9 at 8 experts)')}, Switch load balancing 0.01, "
         "AdamW (0.9, 0.95), weight decay 0.1, clip 1.0, 5% linear warm-up then cosine decay to 0; same seed = same "
         "initial weights and batches for every variant. Validation loss in nats/byte on a fixed held-out set. "
         "Paired difference = variant minus top-K per seed, mean [95% t interval]; negative = better than top-K. "

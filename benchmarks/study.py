@@ -449,5 +449,6 @@ def render_plan(p: dict) -> str:
         else:
             what = f"seeds {point['seeds']} at the rates of {point['source']['size']} {point['source']['tokens']:,}"
         rows.append(f"| {row['name']} | {arms} | {what} | {row['runs']} | {row['core_hours']:.2f} | {total:.2f} |")
-    header = "| point | arms | runs of | runs | core-hours | cumulative |\n|---|---|---|---|---|---|\n"
+    unit = "core-hours" if p["kind"] == "cpu" else "relative cost (no measured step time)"
+    header = f"| point | arms | runs of | runs | {unit} | cumulative |\n|---|---|---|---|---|---|\n"
     return header + "\n".join(rows) + "\n"

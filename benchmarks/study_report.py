@@ -266,9 +266,9 @@ def plot(points: list[dict], batch: list[dict], trend: dict | None, path: str | 
     import matplotlib.pyplot as plt
 
     fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.6), gridspec_kw={"width_ratios": [2, 1]})
-    sizes = list(dict.fromkeys(q["cell"]["size"] for q in points))
+    sizes = sorted({q["cell"]["size"] for q in points if q["params"]}, key=lambda s: study.SIZES[s]["hidden"])
     colours = plt.get_cmap("viridis")
-    for q in points:
+    for q in sorted(points, key=lambda q: study.SIZES[q["cell"]["size"]]["hidden"]):
         if not q["gap"] or not q["compute"]:
             continue
         g = q["gap"]
@@ -280,7 +280,7 @@ def plot(points: list[dict], batch: list[dict], trend: dict | None, path: str | 
             yerr=err,
             fmt="o",
             capsize=3,
-            color=colours(i / max(1, len(sizes) - 1)),
+            color=colours(0.85 * i / max(1, len(sizes) - 1)),
             label=f"{q['cell']['size']} ({q['params'] / 1e6:.2f}M)",
         )
         left.annotate(
@@ -315,6 +315,8 @@ def plot(points: list[dict], batch: list[dict], trend: dict | None, path: str | 
         right.errorbar(q["cell"]["tokens_per_step"], g["mean"], yerr=err, fmt="s", capsize=3, color="C1")
     right.axhline(0, color="grey", lw=0.8)
     right.set_xscale("log", base=2)
+    ticks = sorted({q["cell"]["tokens_per_step"] for q in batch})
+    right.set_xticks(ticks, [f"{t // 1024}k" for t in ticks])
     right.set_xlabel("tokens per step (equal total tokens)")
     right.set_title("Gap vs tokens per step")
     fig.tight_layout()
