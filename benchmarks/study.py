@@ -57,7 +57,9 @@ SIZES = {
 # Only the plan's cost estimates use them.
 CPU_SECONDS_PER_1K = {"xs": 0.083, "s": 0.148, "m": 0.391, "l": 1.093}
 EVAL_OVERHEAD = 1.1  # validation points, router-gradient cosines, expert load
-SPIKE_LIMIT = 0.1  # a run is stable if it did not diverge and its smoothed training loss never rose more (nats)
+# A run is stable if it did not diverge and its training loss (50 window means), relative to the median run of its
+# cell and seed (same batches: their difficulty cancels), has no bump higher than this (nats) within 3 windows.
+SPIKE_LIMIT = 0.1
 
 
 def _cell(size: str, tokens: int, tokens_per_step: int, shape: str = "8e-top1") -> dict:
@@ -231,26 +233,48 @@ class Results:
             runs = [self.get(cell, variant, lr, seed) for seed in seeds]
             if any(r is None for r in runs):
                 return None
-            if all(is_stable(r) for r in runs):
+            if all(self.is_stable(cell, seed, r) for seed, r in zip(seeds, runs, strict=True)):
                 stable.append(lr)
         return max(stable) if stable else None
 
-
-def smoothed_spike(result: dict) -> float:
-    """Largest rise of the windowed training loss (50 window means per run) above its running minimum, after the
-    warm-up and the first window after it."""
-    curve = [loss for _, loss in sorted((int(step), loss) for step, loss in result["train_curve"].items())]
-    spike, best = 0.0, math.inf
-    for loss in curve[4:]:  # warm-up is the first 5% = 2.5 windows
-        if not math.isfinite(loss):
+    def spike(self, cell: dict, seed: int, result: dict) -> float:
+        """Loss spike of a run: the largest bump (`_spike`) of its windowed training loss minus the window-wise
+        median of every run of the same cell and seed (which saw the same batches, so the batches' varying
+        difficulty cancels); inf if it diverged."""
+        own = _windows(result)
+        if result["diverged"] or not all(map(math.isfinite, own)):
             return math.inf
-        best = min(best, loss)
-        spike = max(spike, loss - best)
-    return spike
+        return _spike(own, self._reference(cell, seed))
+
+    def _reference(self, cell: dict, seed: int) -> list[float]:
+        curves = [
+            _windows(r)
+            for by_lr in self.runs.get(cell_key(cell), {}).values()
+            for by_seed in by_lr.values()
+            for s, r in by_seed.items()
+            if s == seed and not r["diverged"]
+        ]
+        curves = [c for c in curves if all(map(math.isfinite, c))]
+        return [statistics.median(c[i] for c in curves) for i in range(min(map(len, curves)))]
+
+    def is_stable(self, cell: dict, seed: int, result: dict) -> bool:
+        return self.spike(cell, seed, result) <= SPIKE_LIMIT
 
 
-def is_stable(result: dict) -> bool:
-    return not result["diverged"] and smoothed_spike(result) <= SPIKE_LIMIT
+def _windows(result: dict) -> list[float]:
+    return [loss for _, loss in sorted((int(step), loss) for step, loss in result["train_curve"].items())]
+
+
+def _spike(curve: list[float], reference: list[float], warmup: int = 3, horizon: int = 3) -> float:
+    """Height of the largest bump of curve - reference: how far a window rises above the lowest window on *each*
+    side within `horizon` windows (the higher of the two), after the first `warmup` windows (5% warm-up = 2.5 of
+    50). A run that only learns faster or slower than the reference makes no bump; a spike that recovers does."""
+    excess = [a - b for a, b in zip(curve, reference, strict=False)]
+    bumps = [
+        excess[k] - max(min(excess[k - horizon : k]), min(excess[k + 1 : k + 1 + horizon]))
+        for k in range(warmup + horizon, len(excess) - 1)
+    ]
+    return max(bumps, default=0.0)
 
 
 # ----------------------------------------------------------------------------------------------------------------

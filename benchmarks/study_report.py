@@ -101,7 +101,8 @@ def lr_table(p: dict, point: dict, results: study.Results) -> str:
                 continue
             text = f"{_mean([r['final_val'] for r in done]):.4f}"
             text += "" if len(done) == len(seeds) else f" ({len(done)}/{len(seeds)} seeds)"
-            text += " ✗" if not all(study.is_stable(r) for r in done) else ""
+            stable = (results.is_stable(point["cell"], s, r) for s, r in zip(seeds, runs, strict=True) if r)
+            text += " ✗" if not all(stable) else ""
             text += " **best**" if chosen[arm]["best"] == lr else ""
             text += " (largest stable)" if point["how"] == "fair" and chosen[arm]["stable"] == lr else ""
             row.append(text)
@@ -339,8 +340,9 @@ def render_parts(p: dict, results: study.Results, plot_path: str | Path | None =
     if fair:
         out.append(
             f"\n#### Fair protocol: each arm's own learning-rate grid ({_cell_name(fair['cell'])})\n\nFinal validation "
-            f"loss (nats/byte), mean over seeds {fair['grid_seeds']}; ✗ = a run diverged or its smoothed training "
-            f"loss rose more than {study.SPIKE_LIMIT} above its running minimum (unstable):\n"
+            f"loss (nats/byte), mean over seeds {fair['grid_seeds']}; ✗ = unstable: a run diverged, or its training "
+            f"loss (50 window means) minus the median run of its seed (same batches) rose and fell back by more than "
+            f"{study.SPIKE_LIMIT} within 3 windows either side:\n"
         )
         out.append(lr_table(p, fair, results))
         out.append("\nPaired gap to top-K at the same rate (the grid's seeds):\n")

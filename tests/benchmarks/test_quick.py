@@ -426,3 +426,30 @@ def test_report_tables_have_one_cell_per_header(results):
         widths = {line.count(" | ") for line in lines if not line.startswith("|---")}
         assert len(widths) == 1, lines[0]
     assert tables
+
+
+def test_spike_is_a_bump_against_the_same_batches():
+    """A run's spike: a bump of its windowed training loss over the median run of its seed. Batch-to-batch noise
+    that every run of a seed shares cancels; learning faster or slower is no bump; a spike that recovers is."""
+    from benchmarks import study
+
+    noise = [0.3 * math.sin(7.0 * i) for i in range(50)]  # the same batches for every run of the seed
+    slow = [3.0 - 0.02 * i + n for i, n in enumerate(noise)]
+    fast = [2.5 - 0.02 * i - 0.5 * math.exp(-i / 5) + n for i, n in enumerate(noise)]  # catches up: no bump
+    spiky = list(slow)
+    spiky[30] += 0.4
+    spiky[31] += 0.2
+    assert study._spike(slow, slow) == pytest.approx(0.0)
+    assert study._spike(fast, slow) < 0.01
+    assert study._spike(spiky, slow) == pytest.approx(0.4)
+    assert study._spike(slow, [0.0] * 50) > study.SPIKE_LIMIT  # without the reference, the batches' noise is a spike
+    cell = study.plan("cpu")["study"][0]["cell"]
+
+    def run(curve, lr):
+        result = _fake(2.0) | {"train_curve": {str(i + 1): c for i, c in enumerate(curve)}}
+        return _record(cell, "topk", lr, 0, result)
+
+    results = study.Results([run(slow, 1e-3), run(fast, 2e-3), run(spiky, 4e-3)])
+    lrs = [1e-3, 2e-3, 4e-3]
+    assert [results.is_stable(cell, 0, results.get(cell, "topk", lr, 0)) for lr in lrs] == [True, True, False]
+    assert results.largest_stable_lr(cell, "topk", lrs, [0]) == 2e-3
