@@ -7,7 +7,8 @@ same fields are the same run. `fn(job)` returns a JSON-serialisable dict. When a
 `{"key": <job>, "result": <its result>, "finished_utc": ...}` is appended to `results_path` and flushed to disk, so
 a study killed at any point loses only the runs in flight; rerunning the same command skips every job whose key is
 already in the file. A torn last line (a process killed while writing) is ignored when reading. Jobs run in list
-order, `workers` at a time in forked processes (each sets one torch thread), and a progress line reports
+order, `workers` at a time, each in a fresh forked process (with `workers=1`, in this process), one torch thread
+each; a run that raises stops the study with its traceback (the finished runs stay). A progress line reports
 done/total, elapsed time and an ETA after each run; `cost(job)`, if given, estimates a run's time (seconds or any
 relative unit) and the ETA weighs the remaining runs by it. `deadline_s` stops launching new runs that many seconds
 after the start (the runs in flight finish and are recorded), for a fixed time budget.
@@ -95,8 +96,9 @@ def run_jobs(
     deadline_s: float | None = None,
 ) -> list[dict]:
     """Run every job not yet in `results_path`, appending each result as it finishes; return all records of
-    `jobs` (finished before or now) in job order. `fn` must be importable by name (a module-level function) when
-    `workers` > 1. `describe(job, result)` makes the per-run part of the progress line."""
+    `jobs` (finished before or now) in job order. `fn` may be any callable (forked processes inherit it); its
+    result goes back through a pipe, so it must pickle. `describe(job, result)` makes the per-run part of the
+    progress line."""
     jobs = list(jobs)
     keys = [canonical(job) for job in jobs]
     if len(set(keys)) != len(keys):
