@@ -1,6 +1,9 @@
 """Run the benchmarks: `python -m benchmarks [--quick] [--device cpu|cuda] [--only speed,fidelity,quality,conversion]
 [--out FILE]`, `python -m benchmarks --only serving --checkpoint DIR` for a trained checkpoint, and
-`python -m benchmarks --only method [--jobs 2]` for the paper's training protocol (about 1.5 h on two cores).
+`python -m benchmarks --only method [--jobs 2]` for the paper's training protocol (about 1.5 h on two cores), and
+`python -m benchmarks --only study [--jobs N] [--plan]` for issue 19's resumable study (benchmarks/study.py: hours;
+one JSON line per finished run in benchmarks/results/study.jsonl, a rerun skips finished runs; `--device cuda` runs
+its GPU plan in bf16; `python -m benchmarks.study_report` makes its tables and plot).
 
 Writes a JSON file with the machine, the command, and every benchmark's results; `python -m benchmarks.report FILE...`
 turns it into markdown tables (as in BENCHMARKS.md). `--device cuda` runs the speed benchmark on the GPU (bf16,
@@ -21,9 +24,9 @@ from pathlib import Path
 
 import torch
 
-BENCHMARKS = ("speed", "fidelity", "quality", "method", "conversion", "serving")
-DEFAULT = ("speed", "fidelity", "quality", "conversion")  # serving needs --checkpoint; method takes hours
-ON_CUDA = ("speed", "serving")  # the benchmarks that run on --device cuda
+BENCHMARKS = ("speed", "fidelity", "quality", "method", "conversion", "serving", "study")
+DEFAULT = ("speed", "fidelity", "quality", "conversion")  # serving needs --checkpoint; method and study take hours
+ON_CUDA = ("speed", "serving", "study")  # the benchmarks that run on --device cuda
 
 
 def run_conversion(quick: bool) -> dict:
@@ -71,6 +74,12 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--jobs", type=int, default=1, help="method: training runs at a time (one thread each)")
     parser.add_argument("--method-shapes", help="method: comma-separated subset of 8e-top1,8e-top2,32e-top4")
     parser.add_argument("--method-confirm", help="method: comma-separated variants to confirm as well (e.g. unrouted)")
+    parser.add_argument("--plan", action="store_true", help="study: print the plan and its estimated cost, run nothing")
+    parser.add_argument(
+        "--results",
+        help="study: the JSON-lines results file (default benchmarks/results/study.jsonl, study_gpu.jsonl on cuda)",
+    )
+    parser.add_argument("--deadline", type=float, help="study: start no run after this many seconds")
     args = parser.parse_args(argv)
     only = [name.strip() for name in args.only.split(",") if name.strip()] if args.only else None
     only = only or (["speed"] if args.device == "cuda" else list(DEFAULT))
@@ -80,10 +89,22 @@ def main(argv: list[str] | None = None) -> dict:
     if args.device == "cuda":
         if set(only) - set(ON_CUDA):
             parser.error(f"{sorted(set(only) - set(ON_CUDA))} run on the CPU only; --device cuda runs {ON_CUDA}")
-        if not torch.cuda.is_available():
+        if not torch.cuda.is_available() and not args.plan:
             parser.error("--device cuda: torch finds no CUDA device")
     if "serving" in only and not args.checkpoint:
         parser.error("the serving benchmark needs --checkpoint DIR (a trained Default MoE checkpoint folder)")
+    if only == ["study"]:  # its own results file, appended run by run
+        from . import study
+
+        kind = "quick" if args.quick else "gpu" if args.device == "cuda" else "cpu"
+        if args.plan:
+            print(study.render_plan(study.plan(kind)))
+            return {}
+        torch.set_num_threads(args.threads)
+        study.run(kind, args.results, workers=args.jobs, deadline_s=args.deadline)
+        return {}
+    if "study" in only:
+        parser.error("--only study runs alone (it writes its own results file)")
     from . import speed
 
     speed_parts = speed.DEVICE_PARTS[args.device]
