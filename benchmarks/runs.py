@@ -143,7 +143,9 @@ def _imap(fn, jobs: list[dict], workers: int, deadline: float | None):
                 return
             yield _call((fn, job))
         return
-    context, queue, running = multiprocessing.get_context("fork"), list(jobs), {}
+    # fork is cheap, but a forked child cannot use CUDA once the parent has touched it: spawn where there is a GPU.
+    method = "spawn" if "torch" in sys.modules and sys.modules["torch"].cuda.is_available() else "fork"
+    context, queue, running = multiprocessing.get_context(method), list(jobs), {}
     try:
         while queue or running:
             while queue and len(running) < workers and started():
