@@ -1,6 +1,8 @@
 """Run the benchmarks: `python -m benchmarks [--quick] [--device cpu|cuda] [--only speed,fidelity,quality,conversion]
 [--out FILE]`, `python -m benchmarks --only serving --checkpoint DIR` for a trained checkpoint, and
-`python -m benchmarks --only method [--jobs 2]` for the paper's training protocol (about 1.5 h on two cores).
+`python -m benchmarks --only method [--jobs 2]` for the paper's training protocol (about 1.5 h on two cores), and
+`python -m benchmarks --only balance,finetune [--jobs N]` for issue 19's load-balance and fine-tuning studies
+(resumable; `python -m benchmarks.balance` prints their tables from the results files).
 
 Writes a JSON file with the machine, the command, and every benchmark's results; `python -m benchmarks.report FILE...`
 turns it into markdown tables (as in BENCHMARKS.md). `--device cuda` runs the speed benchmark on the GPU (bf16,
@@ -21,8 +23,9 @@ from pathlib import Path
 
 import torch
 
-BENCHMARKS = ("speed", "fidelity", "quality", "method", "conversion", "serving")
-DEFAULT = ("speed", "fidelity", "quality", "conversion")  # serving needs --checkpoint; method takes hours
+BENCHMARKS = ("speed", "fidelity", "quality", "method", "balance", "finetune", "conversion", "serving")
+DEFAULT = ("speed", "fidelity", "quality", "conversion")  # serving needs --checkpoint; method, balance, finetune
+# take hours (they append each run to benchmarks/results/<name>_runs.jsonl and a rerun skips the finished ones)
 ON_CUDA = ("speed", "serving")  # the benchmarks that run on --device cuda
 
 
@@ -68,7 +71,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument(
         "--threads", type=int, default=1, help="torch intra-op threads (1: steadier on a shared machine)"
     )
-    parser.add_argument("--jobs", type=int, default=1, help="method: training runs at a time (one thread each)")
+    parser.add_argument(
+        "--jobs", type=int, default=1, help="method, balance, finetune: training runs at a time (one thread each)"
+    )
     parser.add_argument("--method-shapes", help="method: comma-separated subset of 8e-top1,8e-top2,32e-top4")
     parser.add_argument("--method-confirm", help="method: comma-separated variants to confirm as well (e.g. unrouted)")
     args = parser.parse_args(argv)
@@ -129,6 +134,13 @@ def main(argv: list[str] | None = None) -> dict:
             results["benchmarks"][name] = method.run(
                 quick=args.quick, jobs=args.jobs, shapes=shapes, confirm_extra=extra, on_progress=save
             )
+        elif name in ("balance", "finetune"):
+            import importlib
+
+            module = importlib.import_module(f".{name}", __package__)
+            # --quick writes next to --out, so that a smoke test leaves the committed results alone
+            path = Path(args.out).with_suffix(f".{name}.jsonl") if args.quick else None
+            results["benchmarks"][name] = module.run(quick=args.quick, workers=args.jobs, results_path=path)
         elif name == "conversion":
             results["benchmarks"][name] = run_conversion(args.quick)
         elif name == "serving":

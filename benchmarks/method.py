@@ -153,7 +153,8 @@ def expert_load(model, batches: torch.Tensor) -> list[float]:
 
 
 def train_run(job: dict) -> dict:
-    """One training run: job = dict(s, shape, variant, seed, lr, steps)."""
+    """One training run: job = dict(s, shape, variant, seed, lr, steps); with return_model=True the result holds the
+    trained model too (benchmarks/finetune.py pre-trains with it)."""
     s, steps = job["s"], job["steps"]
     torch.set_num_threads(1)
     train_data = byte_corpus(400_000 if s["confirm_steps"] < 100 else 4_000_000, "train")
@@ -189,7 +190,7 @@ def train_run(job: dict) -> dict:
         "max_spike": spike,
         "diverged": not math.isfinite(final) or final > math.log(256),
         "train_seconds": seconds,
-    }
+    } | ({"model": model} if job.get("return_model") else {})
 
 
 def _run_all(jobs: list[dict], workers: int):
