@@ -376,7 +376,7 @@ def render(runs: list[dict], quick: bool = False) -> str:
         "benchmark's model (hidden 64, 4 layers, first dense, 8 experts top-1, beta 0.9, Switch loss 0.01). Values "
         "per MoE layer (L1 / L2 / L3) on the held-out batches, at the end of training. `load` = max/mean tokens per "
         "expert, `H` = entropy of the expert shares / log 8 (1 = even), `unsel.` = router mass on unselected "
-        "experts, `|D|` = mean norm of the EMA defaults, `common` = norm of their mean / their mean norm, `cos` = mean "
+        "experts, `norm D` = mean norm of the EMA defaults, `common` = norm of their mean / their mean norm, `cos` = mean "
         "cosine of D_i to the mean, `term/routed` and `term/out` = mean norm of the default term over that of the "
         "routed term and of the block's output (for top-K and gradient-only: the term the paper's form would add; "
         "top-K tracks the EMA without using it), `common/term` = share of the term's norm that is "
@@ -393,7 +393,7 @@ def render(runs: list[dict], quick: bool = False) -> str:
              _cos_mean(at), _per_layer(at, "default_over_routed"), _per_layer(at, "default_over_output"),
              _per_layer(at, "common_term_over_default"), _gap(at)]
         )  # fmt: skip
-    header = ["variant", "seeds", "load", "H", "unsel.", "|D|", "common", "cos", "term/routed", "term/out"]
+    header = ["variant", "seeds", "load", "H", "unsel.", "norm D", "common", "cos", "term/routed", "term/out"]
     out += [f"\nAt LR {first_lr:g}:\n\n", _table([*header, "common/term", "train-val"], rows)]
 
     over = [v for v in ("topk", "default", "centred", "after_use") if v in variants]

@@ -19,6 +19,7 @@ from __future__ import annotations
 import fcntl
 import hashlib
 import math
+import os
 import statistics
 import sys
 import time
@@ -43,7 +44,8 @@ SIZES = {  # hidden 64 is the method benchmark's model (0.7M parameters); hidden
     "h128": dict(hidden=128, inter=256, layers=4, heads=4),
     "quick": dict(hidden=32, inter=32, layers=2, heads=2),
 }
-CACHE = Path(__file__).resolve().parent.parent / "outputs" / "finetune"
+# Pre-trained models; DEFAULT_MOE_FINETUNE_CACHE moves them (the quick test keeps them out of the checkout).
+CACHE = Path(os.environ.get("DEFAULT_MOE_FINETUNE_CACHE", Path(__file__).resolve().parents[1] / "outputs" / "finetune"))
 
 
 def settings(quick: bool) -> dict:

@@ -1,7 +1,10 @@
 """benchmarks/balance.py: the centred-defaults patch against a plain loop over tokens and experts, the tracked
 (unused) defaults of a top-K run against top-K itself, and the diagnostics against direct computation."""
 
+import json
 import math
+import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -158,3 +161,31 @@ def test_diagnostics_against_direct_computation():
     assert layer["ema_common_ratio"] == pytest.approx(float(D.mean(0).norm() / D.norm(dim=-1).mean()), abs=1e-6)
     assert layer["default_norm"] == pytest.approx(float(term.norm(dim=-1).mean()), abs=1e-5)
     assert 0 < layer["default_over_output"] and 0 < layer["common_term_over_default"]
+
+
+def test_quick_balance_and_finetune(tmp_path):
+    """`python -m benchmarks --quick --only balance,finetune`: both studies run their grid and then their extra seeds
+    at each variant's best rate, append one line per run to their results files (a rerun runs nothing), and render."""
+    out = tmp_path / "results.json"
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
+    env["DEFAULT_MOE_FINETUNE_CACHE"] = str(tmp_path / "cache")
+    cmd = [sys.executable, "-m", "benchmarks", "--quick", "--only", "balance,finetune", "--out", str(out)]
+    for attempt in range(2):
+        proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        if attempt == 0:
+            first = {name: (tmp_path / f"results.{name}.jsonl").read_text() for name in ("balance", "finetune")}
+    assert "0 to run" in proc.stderr
+    for name in ("balance", "finetune"):
+        assert (tmp_path / f"results.{name}.jsonl").read_text() == first[name]  # nothing ran twice
+    results = json.loads(out.read_text())["benchmarks"]
+    s = balance.settings(True)
+    per_variant = len(s["lr_grid"]) * len(s["grid_seeds"]) + len(set(s["seeds"]) - set(s["grid_seeds"]))
+    assert results["balance"]["runs"] == len(balance.VARIANTS) * per_variant
+    assert "| centred | " in results["balance"]["tables"] and "| after_use | " in results["balance"]["tables"]
+    assert "### Fine-tuning a converted top-K model" in results["finetune"]["tables"]
+    records = [json.loads(line) for line in first["balance"].splitlines()]
+    for record in records:
+        assert record["key"]["variant"] == record["result"]["variant"]
+        layers = record["result"]["points"][str(s["steps"])]["layers"]
+        assert all(layer["load_max_over_mean"] >= 1 and 0 <= layer["load_entropy"] <= 1 for layer in layers)
