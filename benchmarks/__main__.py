@@ -1,8 +1,11 @@
 """Run the benchmarks: `python -m benchmarks [--quick] [--device cpu|cuda] [--only speed,fidelity,quality,conversion]
 [--out FILE]`, `python -m benchmarks --only serving --checkpoint DIR` for a trained checkpoint, and
 `python -m benchmarks --only method [--jobs 2]` for the paper's training protocol (about 1.5 h on two cores), and
+`python -m benchmarks --only study [--jobs N] [--plan]` for issue 19's resumable study (benchmarks/study.py: hours;
+one JSON line per finished run in benchmarks/results/study.jsonl, a rerun skips finished runs; `--device cuda` runs
+its GPU plan in bf16; `python -m benchmarks.study_report` makes its tables and plot), and
 `python -m benchmarks --only balance,finetune [--jobs N]` for issue 19's load-balance and fine-tuning studies
-(resumable; `python -m benchmarks.balance` prints their tables from the results files).
+(resumable the same way, in benchmarks/results/<name>_runs.jsonl; `python -m benchmarks.balance` prints their tables).
 
 Writes a JSON file with the machine, the command, and every benchmark's results; `python -m benchmarks.report FILE...`
 turns it into markdown tables (as in BENCHMARKS.md). `--device cuda` runs the speed benchmark on the GPU (bf16,
@@ -23,10 +26,10 @@ from pathlib import Path
 
 import torch
 
-BENCHMARKS = ("speed", "fidelity", "quality", "method", "balance", "finetune", "conversion", "serving")
-DEFAULT = ("speed", "fidelity", "quality", "conversion")  # serving needs --checkpoint; method, balance, finetune
-# take hours (they append each run to benchmarks/results/<name>_runs.jsonl and a rerun skips the finished ones)
-ON_CUDA = ("speed", "serving")  # the benchmarks that run on --device cuda
+BENCHMARKS = ("speed", "fidelity", "quality", "method", "conversion", "serving", "study", "balance", "finetune")
+# serving needs --checkpoint; method, study, balance and finetune take hours
+DEFAULT = ("speed", "fidelity", "quality", "conversion")
+ON_CUDA = ("speed", "serving", "study")  # the benchmarks that run on --device cuda
 
 
 def run_conversion(quick: bool) -> dict:
@@ -72,10 +75,16 @@ def main(argv: list[str] | None = None) -> dict:
         "--threads", type=int, default=1, help="torch intra-op threads (1: steadier on a shared machine)"
     )
     parser.add_argument(
-        "--jobs", type=int, default=1, help="method, balance, finetune: training runs at a time (one thread each)"
+        "--jobs", type=int, default=1, help="method, study, balance, finetune: runs at a time (one thread each)"
     )
     parser.add_argument("--method-shapes", help="method: comma-separated subset of 8e-top1,8e-top2,32e-top4")
     parser.add_argument("--method-confirm", help="method: comma-separated variants to confirm as well (e.g. unrouted)")
+    parser.add_argument("--plan", action="store_true", help="study: print the plan and its estimated cost, run nothing")
+    parser.add_argument(
+        "--results",
+        help="study: the JSON-lines results file (default benchmarks/results/study.jsonl, study_gpu.jsonl on cuda)",
+    )
+    parser.add_argument("--deadline", type=float, help="study, balance, finetune: start no run after this many seconds")
     args = parser.parse_args(argv)
     only = [name.strip() for name in args.only.split(",") if name.strip()] if args.only else None
     only = only or (["speed"] if args.device == "cuda" else list(DEFAULT))
@@ -89,6 +98,18 @@ def main(argv: list[str] | None = None) -> dict:
             parser.error("--device cuda: torch finds no CUDA device")
     if "serving" in only and not args.checkpoint:
         parser.error("the serving benchmark needs --checkpoint DIR (a trained Default MoE checkpoint folder)")
+    if only == ["study"]:  # its own results file, appended run by run
+        from . import study
+
+        kind = "quick" if args.quick else "gpu" if args.device == "cuda" else "cpu"
+        if args.plan:
+            print(study.render_plan(study.plan(kind)))
+            return {}
+        torch.set_num_threads(args.threads)
+        study.run(kind, args.results, workers=args.jobs, deadline_s=args.deadline)
+        return {}
+    if "study" in only:
+        parser.error("--only study runs alone (it writes its own results file)")
     from . import speed
 
     speed_parts = speed.DEVICE_PARTS[args.device]
@@ -140,7 +161,7 @@ def main(argv: list[str] | None = None) -> dict:
             module = importlib.import_module(f".{name}", __package__)
             # --quick writes next to --out, so that a smoke test leaves the committed results alone
             path = Path(args.out).with_suffix(f".{name}.jsonl") if args.quick else None
-            results["benchmarks"][name] = module.run(quick=args.quick, workers=args.jobs, results_path=path)
+            results["benchmarks"][name] = module.run(args.quick, args.jobs, path, deadline_s=args.deadline)
         elif name == "conversion":
             results["benchmarks"][name] = run_conversion(args.quick)
         elif name == "serving":

@@ -374,12 +374,12 @@ def render(runs: list[dict], quick: bool = False) -> str:
         "### Load balance (issue 19, item 5)\n",
         f"{len(runs)} runs of {s['steps']} steps ({s['steps'] * s['batch'] * s['seq']:,} tokens), the method "
         "benchmark's model (hidden 64, 4 layers, first dense, 8 experts top-1, beta 0.9, Switch loss 0.01). Values "
-        "per MoE layer (L1 / L2 / L3) on the held-out batches, at the end of training. `load` = max/mean tokens per "
-        "expert, `H` = entropy of the expert shares / log 8 (1 = even), `unsel.` = router mass on unselected "
-        "experts, `norm D` = mean norm of the EMA defaults, `common` = norm of their mean / their mean norm, `cos` = mean "
-        "cosine of D_i to the mean, `term/routed` and `term/out` = mean norm of the default term over that of the "
-        "routed term and of the block's output (for top-K and gradient-only: the term the paper's form would add; "
-        "top-K tracks the EMA without using it), `common/term` = share of the term's norm that is "
+        "per MoE layer (L1 / L2 / L3) on the held-out batches, at the end of training. `load` = max/mean tokens "
+        "per expert, `H` = entropy of the expert shares / log 8 (1 = even), `unsel.` = router mass on unselected "
+        "experts, `norm D` = mean norm of the EMA defaults, `common` = norm of their mean / their mean norm, "
+        "`cos` = mean cosine of D_i to the mean, `term/routed` and `term/out` = mean norm of the default term over "
+        "that of the routed term and of the block's output (for top-K and gradient-only: the term the paper's "
+        "form would add; top-K tracks the EMA without using it), `common/term` = share of the term's norm that is "
         "`(1 - p_A) mean D`, `train-val` = training loss (mean over the last 50 steps) minus validation loss.\n",
     ]
     rows = []
@@ -465,14 +465,19 @@ def describe(job: dict, result: dict) -> str:
     return f"{job['variant']} seed {job['seed']} lr {job['lr']:g}: val {result['final_val']:.4f}"
 
 
-def run(quick: bool = False, workers: int = 1, results_path: Path | None = None, log=_log) -> dict:
-    """The study, resumable: the grid, then the remaining seeds at each variant's best rate; returns the tables."""
+def run(
+    quick: bool = False, workers: int = 1, results_path: Path | None = None, deadline_s: float | None = None, log=_log
+) -> dict:
+    """The study, resumable: the grid, then the remaining seeds at each variant's best rate (none started after
+    `deadline_s`); returns the tables."""
     from .runs import load_results, run_jobs
 
     path = results_path or RESULTS / "balance_runs.jsonl"
-    run_jobs(grid_jobs(quick), train_run, path, workers, log=log, describe=describe)
+    start = time.monotonic()
+    run_jobs(grid_jobs(quick), train_run, path, workers, log=log, describe=describe, deadline_s=deadline_s)
     grid = [r["result"] for r in load_results(path)]
-    run_jobs(seed_jobs(grid, quick), train_run, path, workers, log=log, describe=describe)
+    left = None if deadline_s is None else max(0.0, deadline_s - (time.monotonic() - start))
+    run_jobs(seed_jobs(grid, quick), train_run, path, workers, log=log, describe=describe, deadline_s=left)
     runs = [r["result"] for r in load_results(path)]
     return {"results_file": str(path), "runs": len(runs), "tables": render(runs, quick)}
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import gc
 import os
 import platform
@@ -285,8 +286,10 @@ def _cpu_name() -> str:
 # Corpus: the standard library's source files as bytes (vocabulary 256), train/validation split by file hash
 
 
+@functools.lru_cache(maxsize=8)
 def byte_corpus(max_bytes: int, split: str = "train") -> torch.Tensor:
-    """A 1-D uint8->long tensor of at most `max_bytes` bytes of the built-in corpus (training engineer's split)."""
+    """A 1-D uint8->long tensor of at most `max_bytes` bytes of the built-in corpus (training engineer's split).
+    Cached (do not modify it): a parent process that reads it once shares it with the runs it forks."""
     try:
         from default_moe.training.data import builtin_corpus
 

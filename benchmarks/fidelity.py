@@ -74,8 +74,10 @@ def estimator_forward(self, hidden_states, token_mask=None, return_router_losses
         all_out_TEH = dense_expert_outputs(self.experts, x_TH).detach().float()
         rest_TH = torch.einsum("teh,te->th", all_out_TEH, unselected_probs_TE)
         out_TH = out_TH + (rest_TH - rest_TH.detach())
+    if self.shared_expert is not None:  # always selected: no estimator question, the same as the model's forward
+        out_TH = out_TH + F.sigmoid(self.shared_expert_gate(x_TH)) * self.shared_expert(x_TH)
     out_BSH = out_TH.to(hidden_states.dtype).view(batch_size, seq_len, hidden_size)
-    return (out_BSH, torch.zeros(2)) if return_router_losses else out_BSH
+    return (out_BSH, torch.zeros(2, device=x_TH.device)) if return_router_losses else out_BSH
 
 
 class EstimatorBlock(DefaultMoeSparseMoeBlock):

@@ -270,13 +270,20 @@ def describe(job: dict, result: dict) -> str:
     return f"{job['size']} {job['arm']} seed {job['seed']} lr {job['lr']:g}: val {result['final_val']:.4f}"
 
 
-def run(quick: bool = False, workers: int = 1, results_path: Path | None = None, log=_log) -> dict:
-    """The study, resumable: every arm's grid, then the remaining seeds at its best rate; returns the tables."""
+def run(
+    quick: bool = False, workers: int = 1, results_path: Path | None = None, deadline_s: float | None = None, log=_log
+) -> dict:
+    """The study, resumable, size by size: every arm's grid, then the remaining seeds at its best rate (none
+    started after `deadline_s`); returns the tables."""
     from .runs import load_results, run_jobs
 
     path = results_path or Path(__file__).resolve().parent / "results" / "finetune_runs.jsonl"
-    run_jobs(grid_jobs(quick), train_run, path, workers, log=log, describe=describe)
-    grid = [r["result"] for r in load_results(path)]
-    run_jobs(seed_jobs(grid, quick), train_run, path, workers, log=log, describe=describe)
+    start = time.monotonic()
+    for size in settings(quick)["sizes"]:  # size by size: the first size's comparison is whole before the next starts
+        left = None if deadline_s is None else max(0.0, deadline_s - (time.monotonic() - start))
+        run_jobs(grid_jobs(quick, [size]), train_run, path, workers, log=log, describe=describe, deadline_s=left)
+        grid = [r["result"] for r in load_results(path) if r["result"]["size"] == size]
+        left = None if deadline_s is None else max(0.0, deadline_s - (time.monotonic() - start))
+        run_jobs(seed_jobs(grid, quick), train_run, path, workers, log=log, describe=describe, deadline_s=left)
     runs = [r["result"] for r in load_results(path)]
     return {"results_file": str(path), "runs": len(runs), "tables": render(runs, quick)}

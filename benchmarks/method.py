@@ -18,6 +18,7 @@ mode), expert load (max/mean tokens per expert on the validation set), and the l
 
 from __future__ import annotations
 
+import importlib
 import math
 import multiprocessing
 import statistics
@@ -32,6 +33,8 @@ from .common import build_ours, byte_corpus, interleaved_times, median, our_conf
 from .fidelity import _router_grads, _set_variant
 from .quality import max_spike, train, validation_loss
 
+# A variant is config overrides, plus optionally "patch": "module:function", a function applied to the model right
+# after it is built (e.g. to change how its defaults are formed) with the model as its only argument.
 VARIANTS = {
     "topk": dict(routing="topk"),
     "default": dict(routing="default"),  # the paper: plain-mean EMA, updated before use, in the forward
@@ -40,10 +43,17 @@ VARIANTS = {
     "unrouted": dict(routing="default", default_ema_source="unrouted"),
     "unrouted_gradient": dict(routing="default", default_ema_source="unrouted", default_term="gradient"),
 }
+# Routed shapes with the paper's EMA beta per configuration (plain-mean EMA; the router-probability-weighted EMA
+# is insensitive to it). 32-expert shapes are fine-grained: each expert a quarter of the 8-expert width, so 32e-top4
+# has 8e-top1's total and active expert parameters. The shared expert (always on, no default vector) has the same
+# quarter width.
 SHAPES = {
-    "8e-top1": dict(experts=8, top_k=1),
-    "8e-top2": dict(experts=8, top_k=2),
-    "32e-top4": dict(experts=32, top_k=4),
+    "8e-top1": dict(experts=8, top_k=1, default_ema_beta=0.9),
+    "8e-top2": dict(experts=8, top_k=2, default_ema_beta=0.9),
+    "32e-top1": dict(experts=32, top_k=1, default_ema_beta=0.65, inter_scale=0.25),
+    "32e-top2": dict(experts=32, top_k=2, default_ema_beta=0.95, inter_scale=0.25),
+    "32e-top4": dict(experts=32, top_k=4, default_ema_beta=0.999, inter_scale=0.25),
+    "32e-top4-shared": dict(experts=32, top_k=4, default_ema_beta=0.999, inter_scale=0.25, shared=True),
 }
 # Two-sided 95% Student t quantiles by degrees of freedom.
 T_975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228}
@@ -65,7 +75,8 @@ def settings(quick: bool) -> dict:
             confirm_seeds=[0, 1],
             stress_factors=[3.0],
             eval_batches=1,
-            beta=0.9,
+            train_bytes=400_000,
+            valid_bytes=50_000,
             probe_stride=8,
             cost_models=[dict(hidden=32, inter=32, layers=2, heads=2, batch=2, seq=32)],
             cost_reps=1,
@@ -84,7 +95,8 @@ def settings(quick: bool) -> dict:
         confirm_seeds=[0, 1, 2, 3, 4],
         stress_factors=[3.0, 10.0],
         eval_batches=4,
-        beta=0.9,
+        train_bytes=4_000_000,
+        valid_bytes=1_000_000,
         probe_stride=64,
         # the trained model, and the speed benchmark's 8-expert shape (hidden 256, 4096 tokens per step)
         cost_models=[
@@ -100,22 +112,39 @@ def _log(msg: str) -> None:
 
 
 def _config(s: dict, shape: str, variant: str):
-    m = s["model"]
+    """The paper's recipe: first layer dense, no renormalisation, Switch loss 0.01 over the whole batch, no z-loss,
+    no jitter; the shape's beta unless the variant sets one."""
+    m, sh = s["model"], dict(SHAPES[shape])
+    inter = max(1, round(m["inter"] * sh.pop("inter_scale", 1.0)))
+    shared = inter if sh.pop("shared", False) else None
+    overrides = {k: v for k, v in VARIANTS[variant].items() if k != "patch"}
     return our_config(
         hidden=m["hidden"],
-        inter=m["inter"],
+        inter=inter,
         layers=m["layers"],
         heads=m["heads"],
         vocab=256,
         norm_topk_prob=False,
         max_pos=s["seq"],
         num_dense_layers=1,
+        dense_intermediate_size=m["inter"],
+        shared_expert_intermediate_size=shared,
         router_aux_loss_coef=0.01,
-        default_ema_beta=s["beta"],
+        router_z_loss_coef=0.0,
+        router_jitter_noise=0.0,
         default_probe_stride=s["probe_stride"],
-        **SHAPES[shape],
-        **VARIANTS[variant],
+        **(sh | overrides),
     )
+
+
+def build(s: dict, shape: str, variant: str, seed: int):
+    """The run's model (same seed = same initial weights for every variant), with the variant's patch applied."""
+    model = build_ours(_config(s, shape, variant), seed=seed)
+    patch = VARIANTS[variant].get("patch")
+    if patch:
+        module, name = patch.split(":")
+        getattr(importlib.import_module(module), name)(model)
+    return model
 
 
 def router_cosines(model, batch: torch.Tensor) -> dict[str, list[float]]:
@@ -152,15 +181,27 @@ def expert_load(model, batches: torch.Tensor) -> list[float]:
     return (counts.max(-1).values / counts.float().mean(-1)).tolist()
 
 
+def parameter_counts(model) -> dict:
+    """All parameters, and those a token uses (the routed experts' at K/E of their number)."""
+    total = sum(p.numel() for p in model.parameters())
+    c = model.config
+    routed = sum(p.numel() for layer in model.model.layers if layer.is_moe for p in layer.mlp.experts.parameters())
+    return {"params": total, "active_params": total - round(routed * (1 - c.num_experts_per_tok / c.num_experts))}
+
+
 def train_run(job: dict) -> dict:
-    """One training run: job = dict(s, shape, variant, seed, lr, steps); with return_model=True the result holds the
-    trained model too (benchmarks/finetune.py pre-trains with it)."""
+    """One training run: job = dict(s, shape, variant, seed, lr, steps). `s` may set "device" ("cpu" or "cuda")
+    and "bf16" (bf16 autocast, the weights and optimizer in fp32); validation batches are `eval_batch` (default
+    `batch`) sequences each. With return_model=True the result holds the trained model too (benchmarks/finetune.py
+    pre-trains with it)."""
     s, steps = job["s"], job["steps"]
+    device = torch.device(s.get("device", "cpu"))
     torch.set_num_threads(1)
-    train_data = byte_corpus(400_000 if s["confirm_steps"] < 100 else 4_000_000, "train")
-    valid = byte_corpus(50_000 if s["confirm_steps"] < 100 else 1_000_000, "validation")
-    valid_batches = sample_batches(valid, s["batch"], s["seq"], s["eval_batches"], seed=4242)
-    model = build_ours(_config(s, job["shape"], job["variant"]), seed=job["seed"])
+    train_data = byte_corpus(s["train_bytes"], "train")
+    valid = byte_corpus(s["valid_bytes"], "validation")
+    valid_batches = sample_batches(valid, s.get("eval_batch", s["batch"]), s["seq"], s["eval_batches"], seed=4242)
+    valid_batches = valid_batches.to(device)
+    model = build(s, job["shape"], job["variant"], job["seed"]).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=job["lr"], betas=(0.9, 0.95), weight_decay=0.1)
     warmup = max(1, steps // 20)
     schedule = get_cosine_schedule_with_warmup(optimizer, warmup, steps)
@@ -175,19 +216,26 @@ def train_run(job: dict) -> dict:
             cosines[step] = router_cosines(model, valid_batches[0])
 
     start = time.perf_counter()
-    batches = sample_batches(train_data, s["batch"], s["seq"], steps, seed=1000 + job["seed"])
-    train_losses = train(model, optimizer, schedule, batches, evaluate)
+    batches = sample_batches(train_data, s["batch"], s["seq"], steps, seed=1000 + job["seed"]).to(device)
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=s.get("bf16", False)):
+        train_losses = train(model, optimizer, schedule, batches, evaluate)
+        final = val[eval_at[-1]]
+        load = expert_load(model, valid_batches) if math.isfinite(final) else None
     seconds = time.perf_counter() - start
-    spike = max_spike(train_losses, warmup)
-    final = val[eval_at[-1]]
+    window = max(1, steps // 50)  # the training-loss curve in 50 window means (spikes, stability)
+    train_curve = {
+        i + window: statistics.fmean(train_losses[i : i + window]) for i in range(0, steps - window + 1, window)
+    }
     return {
         **{k: job[k] for k in ("shape", "variant", "seed", "lr", "steps")},
         "tokens_per_step": s["batch"] * s["seq"],
+        **parameter_counts(model),
         "val_curve": val,
+        "train_curve": train_curve,
         "final_val": final,
         "cosines": cosines,
-        "expert_load": expert_load(model, valid_batches) if math.isfinite(final) else None,
-        "max_spike": spike,
+        "expert_load": load,
+        "max_spike": max_spike(train_losses, warmup),
         "diverged": not math.isfinite(final) or final > math.log(256),
         "train_seconds": seconds,
     } | ({"model": model} if job.get("return_model") else {})
@@ -287,7 +335,7 @@ def cost(s: dict, log=_log) -> dict:
         for shape in s["shapes"]:
             local = {**s, "model": m, "seq": m["seq"]}
             batch = sample_batches(byte_corpus(200_000), m["batch"], m["seq"], 1, seed=0)[0]
-            steps = {v: train_step_fn(build_ours(_config(local, shape, v), seed=0), batch) for v in VARIANTS}
+            steps = {v: train_step_fn(build(local, shape, v, seed=0), batch) for v in VARIANTS}
             cpu: dict = {}
             interleaved_times(steps, s["cost_reps"], 1, cpu)
             key = f"{shape}_H{m['hidden']}_T{m['batch'] * m['seq']}"

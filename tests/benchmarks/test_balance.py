@@ -110,7 +110,7 @@ def test_tracked_defaults_leave_top_k_training_unchanged():
             loss.backward()
             optimizer.step()
             optimizer.zero_grad()
-            losses[name].append(float(loss))
+            losses[name].append(float(loss.detach()))
             if step == 0 and name != "plain":
                 ema = [b.default_outputs.ema.clone() for b in balance.moe_blocks(model)]
                 losses[name + "_ema"] = ema

@@ -1,0 +1,449 @@
+"""Where does Default MoE pay off? A resumable study (issue 19): a fair learning-rate protocol, the trend with scale,
+tokens per step, and the paper's fine-grained shapes.
+
+    python -m benchmarks --only study --jobs 1        # the CPU plan, appended to benchmarks/results/study.jsonl
+    python -m benchmarks --only study --plan          # the plan: points, runs, estimated core-hours
+    python -m benchmarks.study_report                 # every table and the plot, on partial results too
+    python -m benchmarks --only study --device cuda   # the GPU plan (bf16), into study_gpu.jsonl
+
+Every run is one job of benchmarks/runs.py (its fields are its key: part, size, shape, variant, tokens, tokens per
+step, seed, learning rate), trained by benchmarks/method.py's `train_run` (the paper's recipe: first layer dense,
+Switch load-balancing loss 0.01 over the whole batch, no z-loss, no jitter, AdamW (0.9, 0.95), weight decay 0.1,
+clip 1.0, 5% warm-up then cosine decay; byte-level LM on the built-in corpus; same seed = same initial weights and
+batches for every arm). A rerun skips finished runs; stages run in priority order, and a stage that chooses learning
+rates reads them from the results of the stages before it, so the first hours already answer the most:
+
+1. `fair`: top-K, the paper's form (`default`) and `gradient` (defaults in the router gradient only), each over its
+   own grid of 6 rates (4x below to 8x above top-K's earlier best, 2e-3), 2 seeds, at the base size; then 3 more
+   seeds at each arm's best rate and at its largest stable rate (5 paired seeds each).
+2. `scale`: top-K and `default` at four sizes (0.2M to 11M parameters, 58x), two token budgets each (4x apart);
+   at each size's first budget a 3-rate grid (seed 0) around the smaller size's best rate per arm, then seeds 1-2
+   at each arm's best; the second budget at those rates, seeds 0-2.
+3. `batch`: 1k, 8k and 32k tokens per step at equal total tokens (base size), each with its own grid.
+4. `fine`: 32 experts top-1, top-4, top-4 with a shared expert (the paper's beta per configuration), top-K, the
+   paper's form and its router-probability-weighted EMA, each with its own grid, at the third size.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+import sys
+import time
+from pathlib import Path
+
+from . import method
+from .common import byte_corpus
+from .runs import canonical, load_results, run_jobs
+
+RESULTS = {"cpu": "benchmarks/results/study.jsonl", "gpu": "benchmarks/results/study_gpu.jsonl"}
+
+SIZES = {
+    # CPU plan (4 layers, the first dense; expert width 2x hidden): 0.19M, 0.71M, 2.8M, 11M parameters at 8e-top1
+    "xs": dict(hidden=32, inter=64, layers=4, heads=2),
+    "s": dict(hidden=64, inter=128, layers=4, heads=4),
+    "m": dict(hidden=128, inter=256, layers=4, heads=4),
+    "l": dict(hidden=256, inter=512, layers=4, heads=4),
+    # GPU plan (8 layers): about 9M, 60M and 400M parameters at 8e-top1
+    "g-s": dict(hidden=256, inter=512, layers=8, heads=4),
+    "g-m": dict(hidden=512, inter=1024, layers=8, heads=8),
+    "g-l": dict(hidden=1024, inter=2048, layers=8, heads=16),
+    # quick plan (tests)
+    "q1": dict(hidden=16, inter=16, layers=2, heads=2),
+    "q2": dict(hidden=32, inter=32, layers=2, heads=2),
+}
+# Process CPU seconds of one training step of 1024 tokens, one torch thread, routing="default", 8e-top1, measured on
+# this 2-core machine under load (2026-12-04; 32e-top4 at a quarter of the expert width took the same within 20%).
+# Only the plan's cost estimates use them.
+CPU_SECONDS_PER_1K = {"xs": 0.083, "s": 0.148, "m": 0.391, "l": 1.093}
+EVAL_OVERHEAD = 1.1  # validation points, router-gradient cosines, expert load
+SPIKE_LIMIT = 0.1  # a run is stable if it did not diverge and its smoothed training loss never rose more (nats)
+
+
+def _cell(size: str, tokens: int, tokens_per_step: int, shape: str = "8e-top1") -> dict:
+    """The fields that, with variant, seed and rate, make a run: where on the scale, what shape, how long."""
+    return dict(size=size, shape=shape, tokens=tokens, tokens_per_step=tokens_per_step)
+
+
+def tuned(part, cell, arms, centre, factors, grid_seeds, seeds) -> dict:
+    """A point whose arms each get their own grid (rates `centre` x `factors`, `centre` a rate or another point's
+    cell, whose best rate per arm is taken; an arm it lacks takes `default`'s), then `seeds` at each arm's best."""
+    return dict(
+        how="tuned", part=part, cell=cell, arms=arms, centre=centre, factors=factors, grid_seeds=grid_seeds, seeds=seeds
+    )
+
+
+def at_best_of(part, cell, arms, source, seeds) -> dict:
+    """A point run at the best rate per arm of another point (`source`, a cell), for `seeds`."""
+    return dict(how="at", part=part, cell=cell, arms=arms, source=source, seeds=seeds)
+
+
+def plan(kind: str) -> dict:
+    """The study for "cpu" (this machine), "gpu" (one H200, bf16) or "quick" (tiny: the tests): run settings and
+    its points in priority order."""
+    if kind == "quick":
+        base = _cell("q1", 6 * 64, 64)
+        small = _cell("q2", 4 * 64, 64)
+        arms = ["topk", "default"]
+        return dict(
+            kind=kind,
+            seq=32,
+            eval_batch=2,
+            eval_batches=1,
+            points=2,
+            train_bytes=100_000,
+            valid_bytes=20_000,
+            probe_stride=8,
+            study=[
+                dict(
+                    how="fair",
+                    part="fair",
+                    cell=base,
+                    variants=arms,
+                    lrs=[1e-3, 4e-3],
+                    grid_seeds=[0, 1],
+                    confirm_seeds=[2],
+                ),
+                tuned("scale", small, arms, base, [0.5, 2.0], [0], [0, 1]),
+                at_best_of("scale", _cell("q2", 8 * 64, 64), arms, small, [0, 1]),
+                at_best_of("batch", _cell("q1", 8 * 64, 64), arms, base, [0, 1]),
+                tuned("batch", _cell("q1", 8 * 64, 256), arms, base, [1.0, 2.0], [0], [0, 1]),
+                tuned(
+                    "fine",
+                    _cell("q2", 4 * 64, 64, "32e-top4-shared"),
+                    ["topk", "default_router_prob"],
+                    small,
+                    [0.5, 2.0],
+                    [0],
+                    [0, 1],
+                ),
+            ],
+        )
+    if kind == "gpu":
+        arms, seeds, tps = ["topk", "default"], [0, 1, 2], 32_768
+        return dict(
+            kind=kind,
+            device="cuda",
+            bf16=True,
+            seq=512,
+            eval_batch=16,
+            eval_batches=4,
+            points=6,
+            train_bytes=4_000_000,
+            valid_bytes=1_000_000,
+            probe_stride=64,
+            # smallest first, each grid centred at a guess (lower for wider models), 8.4M tokens each
+            study=[
+                tuned("gpu", _cell(size, 8_388_608, tps), arms, centre, [0.5, 1.0, 2.0], [0], seeds)
+                for size, centre in (("g-s", 2e-3), ("g-m", 1e-3), ("g-l", 5e-4))
+            ],
+        )
+    if kind != "cpu":
+        raise ValueError(f"study plan {kind!r}: choose from 'cpu', 'gpu', 'quick'")
+    fair = _cell("s", 819_200, 1024)  # 800 steps of 1024 tokens (twice the demo's tokens)
+    xs, m, large = _cell("xs", 819_200, 1024), _cell("m", 409_600, 1024), _cell("l", 409_600, 1024)
+    arms, factors, seeds = ["topk", "default"], [0.5, 1.0, 2.0], [0, 1, 2]
+    fine_arms = ["topk", "default", "default_router_prob"]
+    return dict(
+        kind=kind,
+        seq=128,
+        eval_batch=8,
+        eval_batches=4,
+        points=6,
+        train_bytes=4_000_000,
+        valid_bytes=1_000_000,
+        probe_stride=64,
+        study=[
+            dict(
+                how="fair",
+                part="fair",
+                cell=fair,
+                variants=["topk", "default", "gradient"],
+                lrs=[5e-4, 1e-3, 2e-3, 4e-3, 8e-3, 1.6e-2],
+                grid_seeds=[0, 1],
+                confirm_seeds=[2, 3, 4],
+            ),
+            tuned("scale", xs, arms, fair, factors, [0], seeds),
+            tuned("scale", m, arms, fair, factors, [0], seeds),
+            at_best_of("scale", _cell("xs", 3_276_800, 1024), arms, xs, seeds),
+            at_best_of("scale", _cell("s", 3_276_800, 1024), arms, fair, seeds),
+            tuned("scale", large, arms, m, factors, [0], seeds),
+            at_best_of("scale", _cell("m", 1_638_400, 1024), arms, m, seeds),
+            at_best_of("batch", _cell("s", 1_638_400, 1024), arms, fair, seeds),
+            tuned("batch", _cell("s", 1_638_400, 8192), arms, fair, [1.0, 2.0, 4.0], [0], seeds),
+            tuned("batch", _cell("s", 1_638_400, 32768), arms, fair, [2.0, 4.0, 8.0], [0], seeds),
+            *(
+                tuned("fine", _cell("m", 409_600, 1024, shape), fine_arms, m, factors, [0], seeds)
+                for shape in ("32e-top1", "32e-top4", "32e-top4-shared")
+            ),
+            at_best_of("scale", _cell("l", 1_638_400, 1024), arms, large, seeds),
+        ],
+    )
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Results, by cell (size, shape, tokens, tokens per step) -> variant -> rate -> seed
+
+
+def cell_key(fields: dict) -> tuple:
+    return (fields["size"], fields["shape"], fields["tokens"], fields["tokens_per_step"])
+
+
+class Results:
+    """The finished runs of a results file, indexed for choosing rates and for the report."""
+
+    def __init__(self, records: list[dict]):
+        self.runs: dict = {}
+        for record in records:
+            key = record["key"]
+            by_lr = self.runs.setdefault(cell_key(key), {}).setdefault(key["variant"], {})
+            by_lr.setdefault(key["lr"], {})[key["seed"]] = record["result"]
+
+    def get(self, cell: dict, variant: str, lr: float, seed: int) -> dict | None:
+        return self.runs.get(cell_key(cell), {}).get(variant, {}).get(lr, {}).get(seed)
+
+    def finals(self, cell: dict, variant: str, lr: float, seeds) -> list[float] | None:
+        """Final validation losses of these seeds (inf if diverged), or None if any has not run yet."""
+        runs = [self.get(cell, variant, lr, seed) for seed in seeds]
+        if any(r is None for r in runs):
+            return None
+        return [r["final_val"] if not r["diverged"] else math.inf for r in runs]
+
+    def best_lr(self, cell: dict, variant: str, lrs, seeds) -> float | None:
+        """The rate of `lrs` with the lowest mean final loss over `seeds`; None until all of them have run."""
+        means = {}
+        for lr in lrs:
+            finals = self.finals(cell, variant, lr, seeds)
+            if finals is None:
+                return None
+            means[lr] = statistics.fmean(finals)
+        return min(means, key=means.get)
+
+    def largest_stable_lr(self, cell: dict, variant: str, lrs, seeds) -> float | None:
+        """The largest rate of `lrs` stable on every seed of `seeds` (the paper's rule; see `stable`), or None
+        until all have run (or if none is stable)."""
+        stable = []
+        for lr in lrs:
+            runs = [self.get(cell, variant, lr, seed) for seed in seeds]
+            if any(r is None for r in runs):
+                return None
+            if all(is_stable(r) for r in runs):
+                stable.append(lr)
+        return max(stable) if stable else None
+
+
+def smoothed_spike(result: dict) -> float:
+    """Largest rise of the windowed training loss (50 window means per run) above its running minimum, after the
+    warm-up and the first window after it."""
+    curve = [loss for _, loss in sorted((int(step), loss) for step, loss in result["train_curve"].items())]
+    spike, best = 0.0, math.inf
+    for loss in curve[4:]:  # warm-up is the first 5% = 2.5 windows
+        if not math.isfinite(loss):
+            return math.inf
+        best = min(best, loss)
+        spike = max(spike, loss - best)
+    return spike
+
+
+def is_stable(result: dict) -> bool:
+    return not result["diverged"] and smoothed_spike(result) <= SPIKE_LIMIT
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Jobs
+
+
+def _rate(value: float) -> float:
+    return float(f"{value:.3g}")
+
+
+def _job(part: str, cell: dict, variant: str, lr: float, seed: int) -> dict:
+    return dict(part=part, **cell, variant=variant, seed=seed, lr=lr)
+
+
+def point_of(study: list[dict], cell: dict) -> dict:
+    for point in study:
+        if cell_key(point["cell"]) == cell_key(cell):
+            return point
+    raise KeyError(f"no point of the study has cell {cell}")
+
+
+def grid_rates(point: dict, study: list[dict], results: Results, dry: bool) -> dict[str, list[float]] | None:
+    """Each arm's grid of rates at a point (None while a rate it is centred on is not known yet)."""
+    if point["how"] == "fair":
+        return {v: list(point["lrs"]) for v in point["variants"]}
+    if point["how"] == "at":
+        return {}
+    out = {}
+    for arm in point["arms"]:
+        centre = point["centre"]
+        if isinstance(centre, dict):
+            source = point_of(study, centre)
+            centre = chosen_rates(source, study, results, dry).get(arm if arm in _arms(source) else "default", {})
+            centre = centre.get("best")
+            if centre is None:
+                return None
+        out[arm] = [_rate(centre * f) for f in point["factors"]]
+    return out
+
+
+def _arms(point: dict) -> list[str]:
+    return point["variants"] if point["how"] == "fair" else point["arms"]
+
+
+def chosen_rates(point: dict, study: list[dict], results: Results, dry: bool = False) -> dict:
+    """{arm: {"best": rate, "stable": largest stable rate}} of a point, from its grid (an "at" point: its source's);
+    rates not yet known are None (in a dry run, the grid's middle rate, for cost estimates)."""
+    if point["how"] == "at":
+        return chosen_rates(point_of(study, point["source"]), study, results, dry)
+    grids = grid_rates(point, study, results, dry)
+    seeds = point["grid_seeds"]
+    out = {}
+    for arm in _arms(point):
+        lrs = grids[arm] if grids else None
+        best = results.best_lr(point["cell"], arm, lrs, seeds) if lrs else None
+        stable = results.largest_stable_lr(point["cell"], arm, lrs, seeds) if lrs else None
+        if dry:
+            middle = lrs[len(lrs) // 2] if lrs else 1e-3
+            best, stable = best or middle, stable or (middle * 1.01)  # distinct: an upper bound on the runs
+        out[arm] = {"best": best, "stable": stable}
+    return out
+
+
+def stages(p: dict, results_now, dry: bool = False):
+    """(name, point, jobs) in priority order; `jobs` is None while the rates it needs are not known.
+    `results_now()` returns the Results so far (read again before each stage that chooses rates)."""
+    study = p["study"]
+    for point in study:
+        cell, part = point["cell"], point["part"]
+        name = f"{part} {cell['size']} {cell['shape']} {cell['tokens']:,} tokens {cell['tokens_per_step']}/step"
+        if point["how"] != "at":
+            grids = grid_rates(point, study, results_now(), dry)
+            jobs = None
+            if grids is not None:
+                jobs = [
+                    _job(part, cell, arm, lr, seed)
+                    for seed in point["grid_seeds"]
+                    for arm in _arms(point)
+                    for lr in grids[arm]
+                ]
+            yield f"{name}: grid", point, jobs
+        rates = chosen_rates(point, study, results_now(), dry)
+        if point["how"] == "fair":
+            wanted = {arm: [r["best"], r["stable"]] for arm, r in rates.items()}
+            seeds = point["confirm_seeds"]
+        else:
+            wanted = {arm: [rates[arm if arm in rates else "default"]["best"]] for arm in point["arms"]}
+            seeds = point["seeds"]
+        if any(lr is None for lrs in wanted.values() for lr in lrs[:1]):
+            yield f"{name}: seeds", point, None
+            continue
+        jobs = [
+            _job(part, cell, arm, lr, seed)
+            for seed in seeds
+            for arm, lrs in wanted.items()
+            for lr in dict.fromkeys(lr for lr in lrs if lr is not None)
+        ]
+        # seeds already run in the grid at that rate are the same jobs under the same key: dropped here
+        yield f"{name}: seeds", point, list({canonical(j): j for j in jobs}.values())
+
+
+def cost(job: dict) -> float:
+    """Estimated CPU seconds of a run (relative units for sizes without a measured step time)."""
+    per_1k = CPU_SECONDS_PER_1K.get(job["size"], 1e-3 * SIZES[job["size"]]["hidden"])
+    return per_1k * job["tokens"] / 1024 * EVAL_OVERHEAD
+
+
+def train(p: dict, job: dict) -> dict:
+    """One run of the study (benchmarks/method.py's train_run), with its parameter counts."""
+    s = dict(
+        model=SIZES[job["size"]],
+        batch=job["tokens_per_step"] // p["seq"],
+        seq=p["seq"],
+        points=p["points"],
+        eval_batch=p["eval_batch"],
+        eval_batches=p["eval_batches"],
+        train_bytes=p["train_bytes"],
+        valid_bytes=p["valid_bytes"],
+        probe_stride=p["probe_stride"],
+        device=p.get("device", "cpu"),
+        bf16=p.get("bf16", False),
+    )
+    steps = job["tokens"] // job["tokens_per_step"]
+    return method.train_run(
+        dict(s=s, shape=job["shape"], variant=job["variant"], seed=job["seed"], lr=job["lr"], steps=steps)
+    )
+
+
+def _describe(job: dict, result: dict) -> str:
+    return (
+        f"{job['part']} {job['size']} {job['shape']} {job['tokens']:,}/{job['tokens_per_step']} {job['variant']} "
+        f"lr {job['lr']:g} seed {job['seed']}: val {result['final_val']:.4f} ({result['train_seconds']:.0f} s)"
+    )
+
+
+def _log(msg: str) -> None:
+    print(f"[study {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def estimate(p: dict) -> list[dict]:
+    """Per point of the plan: runs (an upper bound where best and largest stable rates may coincide) and estimated
+    core-hours."""
+    out, seen = [], set()
+    for name, point, jobs in stages(p, lambda: Results([]), dry=True):
+        jobs = [job for job in jobs if canonical(job) not in seen]  # a grid run reused at the chosen rate
+        seen.update(map(canonical, jobs))
+        if out and out[-1]["point"] is point:
+            row = out[-1]
+        else:
+            row = {"point": point, "name": name.rsplit(":", 1)[0], "runs": 0, "core_hours": 0.0}
+            out.append(row)
+        row["runs"] += len(jobs)
+        row["core_hours"] += sum(map(cost, jobs)) / 3600
+    return out
+
+
+def run(
+    kind: str = "cpu",
+    results_path: str | None = None,
+    workers: int = 1,
+    deadline_s: float | None = None,
+    log=_log,
+) -> Results:
+    """Run (or resume) the study; returns the Results in the file at the end."""
+    import functools
+
+    p = plan(kind)
+    path = Path(results_path or RESULTS["gpu" if kind == "gpu" else "cpu"])
+    start = time.perf_counter()
+    byte_corpus(p["train_bytes"], "train"), byte_corpus(p["valid_bytes"], "validation")  # read once, shared
+    for name, _, jobs in stages(p, lambda: Results(load_results(path))):
+        if jobs is None:
+            log(f"{name}: the rates it needs are not known yet (earlier runs missing); stopping")
+            break
+        left = None if deadline_s is None else deadline_s - (time.perf_counter() - start)
+        if left is not None and left <= 0:
+            log(f"deadline reached before {name}; stopping")
+            break
+        log(f"{name}: {len(jobs)} runs")
+        run_jobs(jobs, functools.partial(train, p), path, workers, log, _describe, cost, left)
+    return Results(load_results(path))
+
+
+def render_plan(p: dict) -> str:
+    """The plan as a markdown table: what each point runs, its runs and estimated core-hours, cumulative."""
+    rows, total = [], 0.0
+    for row in estimate(p):
+        total += row["core_hours"]
+        point = row["point"]
+        arms = ", ".join(_arms(point))
+        if point["how"] == "fair":
+            what = f"{len(point['lrs'])} rates x {len(point['grid_seeds'])} seeds, "
+            what += f"+{len(point['confirm_seeds'])} seeds at best and largest stable"
+        elif point["how"] == "tuned":
+            what = f"grid x{'/'.join(f'{f:g}' for f in point['factors'])}, then seeds {point['seeds']} at best"
+        else:
+            what = f"seeds {point['seeds']} at the rates of {point['source']['size']} {point['source']['tokens']:,}"
+        rows.append(f"| {row['name']} | {arms} | {what} | {row['runs']} | {row['core_hours']:.2f} | {total:.2f} |")
+    header = "| point | arms | runs of | runs | core-hours | cumulative |\n|---|---|---|---|---|---|\n"
+    return header + "\n".join(rows) + "\n"

@@ -1,0 +1,380 @@
+"""Every table and the plot of the study (benchmarks/study.py), from its results file, finished or not.
+
+    python -m benchmarks.study_report [RESULTS] [--kind cpu|gpu|quick] [--plot PNG]
+
+Defaults: benchmarks/results/study.jsonl and the CPU plan; the plot goes to RESULTS with `_gap.png` for `.jsonl`.
+Cells not yet run say so; intervals (two-sided 95% Student t over paired seeds) appear where two or more seeds are
+paired. Rates are chosen as the study chooses them (benchmarks/study.py: best = lowest mean final validation loss
+over the grid's seeds; largest stable = the largest rate whose grid runs neither diverged nor spiked).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import statistics
+from pathlib import Path
+
+from . import study
+from .method import paired
+from .runs import load_results
+
+NOT_RUN = "not yet run"
+
+
+def _mean(values: list[float]) -> float:
+    return statistics.fmean(values) if values else math.nan
+
+
+def _gap_cell(d: dict | None) -> str:
+    if not d:
+        return NOT_RUN
+    interval = f" [{d['ci95'][0]:+.4f}, {d['ci95'][1]:+.4f}]" if d["ci95"] else ""
+    return f"{d['mean']:+.4f}{interval} (n={len(d['per_seed'])}, {d['better']} better)"
+
+
+def _table(header: list[str], rows: list[list]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines) + "\n"
+
+
+def _seeds_at(results: study.Results, cell: dict, arm: str, lr: float | None) -> dict[int, dict]:
+    if lr is None:
+        return {}
+    return results.runs.get(study.cell_key(cell), {}).get(arm, {}).get(lr, {})
+
+
+def compare(results: study.Results, cell: dict, arm: str, arm_lr, topk_lr) -> dict | None:
+    """Paired difference arm minus top-K (final validation loss, each at its own rate) over the seeds both have."""
+    mine, theirs = _seeds_at(results, cell, arm, arm_lr), _seeds_at(results, cell, "topk", topk_lr)
+    common = sorted(set(mine) & set(theirs))
+    if not common:
+        return None
+    out = paired([mine[s]["final_val"] - theirs[s]["final_val"] for s in common])
+    return out | {"seeds": common}
+
+
+def _load(runs: dict[int, dict]) -> str:
+    loads = [statistics.fmean(r["expert_load"]) for r in runs.values() if r.get("expert_load")]
+    return f"{_mean(loads):.2f}" if loads else "-"
+
+
+def _cell_name(cell: dict) -> str:
+    return f"{cell['size']} {cell['shape']}, {cell['tokens']:,} tokens, {cell['tokens_per_step']:,}/step"
+
+
+def progress(p: dict, results: study.Results) -> str:
+    """Runs finished per point of the plan (planned: the upper bound of `study.estimate`)."""
+    finished = {
+        study.cell_key(point["cell"]): sum(
+            len(seeds)
+            for by_lr in results.runs.get(study.cell_key(point["cell"]), {}).values()
+            for seeds in by_lr.values()
+        )
+        for point in p["study"]
+    }
+    rows = [
+        [row["name"], finished[study.cell_key(row["point"]["cell"])], row["runs"], f"{row['core_hours']:.2f}"]
+        for row in study.estimate(p)
+    ]
+    return _table(["point", "runs finished", "runs planned (at most)", "estimated core-hours"], rows)
+
+
+def lr_table(p: dict, point: dict, results: study.Results) -> str:
+    """Final validation loss per arm and rate (mean over the grid's seeds), the chosen rates marked."""
+    grids = study.grid_rates(point, p["study"], results, dry=False) or {}
+    chosen = study.chosen_rates(point, p["study"], results)
+    lrs = sorted({lr for rates in grids.values() for lr in rates})
+    seeds = point["grid_seeds"]
+    rows = []
+    for arm in study._arms(point):
+        row = [arm]
+        for lr in lrs:
+            if lr not in grids.get(arm, []):
+                row.append("")
+                continue
+            runs = [results.get(point["cell"], arm, lr, s) for s in seeds]
+            done = [r for r in runs if r is not None]
+            if not done:
+                row.append(NOT_RUN)
+                continue
+            text = f"{_mean([r['final_val'] for r in done]):.4f}"
+            text += "" if len(done) == len(seeds) else f" ({len(done)}/{len(seeds)} seeds)"
+            text += " ✗" if not all(study.is_stable(r) for r in done) else ""
+            text += " **best**" if chosen[arm]["best"] == lr else ""
+            text += " (largest stable)" if point["how"] == "fair" and chosen[arm]["stable"] == lr else ""
+            row.append(text)
+        rows.append(row)
+    return _table(["arm", *[f"LR {lr:g}" for lr in lrs]], rows)
+
+
+def same_rate_table(point: dict, results: study.Results) -> str:
+    """Paired gap to top-K at the same rate, per rate (the grid's seeds)."""
+    lrs = sorted(point["lrs"])
+    rows = []
+    for arm in point["variants"][1:]:
+        rows.append([arm, *[_gap_cell(compare(results, point["cell"], arm, lr, lr)) for lr in lrs]])
+    return _table(["arm minus top-K", *[f"LR {lr:g}" for lr in lrs]], rows)
+
+
+def fair_comparison(p: dict, point: dict, results: study.Results) -> str:
+    chosen = study.chosen_rates(point, p["study"], results)
+    rows = []
+    for rule, label in (("best", "each at its best rate"), ("stable", "each at its largest stable rate")):
+        for arm in point["variants"][1:]:
+            arm_lr, topk_lr = chosen[arm][rule], chosen["topk"][rule]
+            d = compare(results, point["cell"], arm, arm_lr, topk_lr)
+            rate = lambda lr: "?" if lr is None else f"{lr:g}"  # noqa: E731
+            mine = _seeds_at(results, point["cell"], arm, arm_lr)
+            theirs = _seeds_at(results, point["cell"], "topk", topk_lr)
+            rows.append(
+                [
+                    label,
+                    arm,
+                    f"{rate(arm_lr)} vs {rate(topk_lr)}",
+                    f"{_mean([r['final_val'] for r in mine.values()]):.4f}" if mine else NOT_RUN,
+                    f"{_mean([r['final_val'] for r in theirs.values()]):.4f}" if theirs else NOT_RUN,
+                    _gap_cell(d),
+                    ", ".join(f"{x:+.3f}" for x in d["per_seed"]) if d else "-",
+                    f"{_load(mine)} vs {_load(theirs)}",
+                ]
+            )
+    header = ["comparison", "arm", "LR (arm vs top-K)", "arm val", "top-K val", "arm minus top-K"]
+    return _table([*header, "per seed", "load (arm vs top-K)"], rows)
+
+
+def gap_points(p: dict, results: study.Results, parts=("fair", "scale", "gpu")) -> list[dict]:
+    """The paper's form (`default`) minus top-K, each at its own best rate, per 8e-top1 point of these parts."""
+    out = []
+    for point in p["study"]:
+        cell = point["cell"]
+        if point["part"] not in parts or cell["shape"] != "8e-top1":
+            continue
+        chosen = study.chosen_rates(point, p["study"], results)
+        if "default" not in chosen:
+            continue
+        d = compare(results, cell, "default", chosen["default"]["best"], chosen["topk"]["best"])
+        runs = _seeds_at(results, cell, "topk", chosen["topk"]["best"])
+        active = next(iter(runs.values()))["active_params"] if runs else None
+        out.append(
+            dict(
+                point=point,
+                cell=cell,
+                gap=d,
+                rates=(chosen["topk"]["best"], chosen["default"]["best"]),
+                params=next(iter(runs.values()))["params"] if runs else None,
+                compute=6 * active * cell["tokens"] if active else None,
+            )
+        )
+    return out
+
+
+def fit_trend(points: list[dict]) -> dict | None:
+    """Least squares of the mean gap on log10(compute) over the points with a gap; None with fewer than 3."""
+    xy = [(math.log10(q["compute"]), q["gap"]["mean"]) for q in points if q["gap"] and q["compute"]]
+    if len(xy) < 3:
+        return None
+    mx, my = _mean([x for x, _ in xy]), _mean([y for _, y in xy])
+    sxx = sum((x - mx) ** 2 for x, _ in xy)
+    slope = sum((x - mx) * (y - my) for x, y in xy) / sxx
+    intercept = my - slope * mx
+    crossing = 10 ** (-intercept / slope) if slope else None
+    return dict(
+        slope=slope,
+        intercept=intercept,
+        crossing=crossing,
+        n=len(xy),
+        lo=min(x for x, _ in xy),
+        hi=max(x for x, _ in xy),
+    )
+
+
+def trend_sentence(trend: dict | None) -> str:
+    if trend is None:
+        return "Too few scaling points have run to fit a trend (3 needed)."
+    span = f"measured from {10 ** trend['lo']:.1e} to {10 ** trend['hi']:.1e} FLOPs"
+    direction = "shrinks" if trend["slope"] < 0 else "grows"
+    text = (
+        f"Fitted over {trend['n']} points ({span}): the gap (Default minus top-K, nats/byte) changes by "
+        f"{trend['slope']:+.4f} per tenfold compute"
+    )
+    if trend["crossing"] is None:
+        return text + ", flat: no crossing."
+    x0 = math.log10(trend["crossing"])
+    where = (
+        "inside the measured range"
+        if trend["lo"] <= x0 <= trend["hi"]
+        else "beyond the measured range (an extrapolation)"
+        if x0 > trend["hi"]
+        else "below the measured range"
+    )
+    ahead = "Default ahead beyond it" if trend["slope"] < 0 else "top-K ahead beyond it"
+    return (
+        text
+        + f"; the line {direction} with compute and crosses zero at {trend['crossing']:.1e} FLOPs, {where} ({ahead})."
+    )
+
+
+def scaling_table(points: list[dict]) -> str:
+    rows = []
+    for q in sorted(points, key=lambda q: q["compute"] or math.inf):
+        cell = q["cell"]
+        rows.append(
+            [
+                cell["size"],
+                f"{q['params'] / 1e6:.2f}M" if q["params"] else "?",
+                f"{cell['tokens']:,}",
+                f"{cell['tokens_per_step']:,}",
+                f"{q['compute']:.2e}" if q["compute"] else "?",
+                " / ".join("?" if lr is None else f"{lr:g}" for lr in q["rates"]),
+                _gap_cell(q["gap"]),
+            ]
+        )
+    header = ["size", "params", "tokens", "tokens/step", "compute (6·active·tokens)", "LR top-K / Default"]
+    return _table([*header, "Default minus top-K"], rows)
+
+
+def arms_table(p: dict, part: str, results: study.Results) -> str:
+    """Every arm against top-K, each at its own best rate, at each point of a part (the 32-expert rows)."""
+    rows = []
+    for point in p["study"]:
+        if point["part"] != part:
+            continue
+        chosen = study.chosen_rates(point, p["study"], results)
+        for arm in point["arms"]:
+            lr = chosen[arm]["best"]
+            runs = _seeds_at(results, point["cell"], arm, lr)
+            d = None if arm == "topk" else compare(results, point["cell"], arm, lr, chosen["topk"]["best"])
+            rows.append(
+                [
+                    _cell_name(point["cell"]),
+                    arm,
+                    "?" if lr is None else f"{lr:g}",
+                    f"{_mean([r['final_val'] for r in runs.values()]):.4f} ({len(runs)})" if runs else NOT_RUN,
+                    "-" if arm == "topk" else _gap_cell(d),
+                    _load(runs),
+                ]
+            )
+    return _table(["point", "arm", "best LR", "val (seeds)", "minus top-K", "load max/mean"], rows)
+
+
+def plot(points: list[dict], batch: list[dict], trend: dict | None, path: str | Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.6), gridspec_kw={"width_ratios": [2, 1]})
+    sizes = list(dict.fromkeys(q["cell"]["size"] for q in points))
+    colours = plt.get_cmap("viridis")
+    for q in points:
+        if not q["gap"] or not q["compute"]:
+            continue
+        g = q["gap"]
+        err = None if not g["ci95"] else [[g["mean"] - g["ci95"][0]], [g["ci95"][1] - g["mean"]]]
+        i = sizes.index(q["cell"]["size"])
+        left.errorbar(
+            q["compute"],
+            g["mean"],
+            yerr=err,
+            fmt="o",
+            capsize=3,
+            color=colours(i / max(1, len(sizes) - 1)),
+            label=f"{q['cell']['size']} ({q['params'] / 1e6:.2f}M)",
+        )
+        left.annotate(
+            f"{q['cell']['tokens'] / 1e6:.2g}M tok",
+            (q["compute"], g["mean"]),
+            fontsize=7,
+            xytext=(4, 4),
+            textcoords="offset points",
+        )
+    if trend:
+        xs = [trend["lo"] - 0.2, trend["hi"] + 0.5]
+        left.plot(
+            [10**x for x in xs],
+            [trend["intercept"] + trend["slope"] * x for x in xs],
+            "k--",
+            lw=1,
+            label=f"fit: {trend['slope']:+.3f} per 10x",
+        )
+    left.axhline(0, color="grey", lw=0.8)
+    left.set_xscale("log")
+    left.set_xlabel("training compute, FLOPs (6 x active parameters x tokens)")
+    left.set_ylabel("Default minus top-K, validation nats/byte\n(each at its own best LR; < 0: Default better)")
+    left.set_title("Gap vs compute (8 experts, top-1, 1,024 tokens/step), 95% intervals")
+    handles, labels = left.get_legend_handles_labels()
+    unique = dict(zip(labels, handles, strict=True))
+    left.legend(unique.values(), unique.keys(), fontsize=8)
+    for q in batch:
+        if not q["gap"]:
+            continue
+        g = q["gap"]
+        err = None if not g["ci95"] else [[g["mean"] - g["ci95"][0]], [g["ci95"][1] - g["mean"]]]
+        right.errorbar(q["cell"]["tokens_per_step"], g["mean"], yerr=err, fmt="s", capsize=3, color="C1")
+    right.axhline(0, color="grey", lw=0.8)
+    right.set_xscale("log", base=2)
+    right.set_xlabel("tokens per step (equal total tokens)")
+    right.set_title("Gap vs tokens per step")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def render(results_path: str | Path, kind: str = "cpu", plot_path: str | Path | None = None) -> str:
+    p = study.plan(kind)
+    results = study.Results(load_results(results_path))
+    out = [
+        f"Results: `{results_path}` ({sum(1 for _ in load_results(results_path))} runs). Progress:\n",
+        progress(p, results),
+    ]
+    fair = next((point for point in p["study"] if point["how"] == "fair"), None)
+    if fair:
+        out.append(
+            f"\n#### Fair protocol: each arm's own learning-rate grid ({_cell_name(fair['cell'])})\n\nFinal validation "
+            f"loss (nats/byte), mean over seeds {fair['grid_seeds']}; ✗ = a run diverged or its smoothed training "
+            f"loss rose more than {study.SPIKE_LIMIT} above its running minimum (unstable):\n"
+        )
+        out.append(lr_table(p, fair, results))
+        out.append("\nPaired gap to top-K at the same rate (the grid's seeds):\n")
+        out.append(same_rate_table(fair, results))
+        out.append(
+            "\n#### The fair comparison\n\n(a) each arm at its own best rate, (b) each at its largest stable rate "
+            "(the paper's rule); paired by seed (same initial weights and batches), mean [95% t interval]:\n"
+        )
+        out.append(fair_comparison(p, fair, results))
+    points = gap_points(p, results)
+    trend = fit_trend(points)
+    out.append(
+        "\n#### The trend with scale\n\nThe paper's form minus top-K, each at its own best rate (a size's second "
+        "budget uses its first budget's rates), paired seeds:\n"
+    )
+    out.append(scaling_table(points))
+    out.append("\n" + trend_sentence(trend) + "\n")
+    batch = gap_points(p, results, parts=("batch",))
+    if batch:
+        out.append("\n#### Tokens per step (equal total tokens)\n")
+        out.append(scaling_table(batch))
+    if any(point["part"] == "fine" for point in p["study"]):
+        out.append("\n#### 32 experts and a shared expert (the paper's beta per configuration)\n")
+        out.append(arms_table(p, "fine", results))
+    if plot_path:
+        plot(points, batch, trend, plot_path)
+        out.append(f"\n![gap vs compute]({Path(plot_path).name})\n")
+    return "\n".join(out)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.study_report", description=__doc__)
+    parser.add_argument("results", nargs="?", help="JSON-lines results (default: the plan's file)")
+    parser.add_argument("--kind", choices=("cpu", "gpu", "quick"), default="cpu")
+    parser.add_argument("--plot", help="PNG path (default: next to the results, *_gap.png)")
+    args = parser.parse_args(argv)
+    path = Path(args.results or study.RESULTS["gpu" if args.kind == "gpu" else "cpu"])
+    plot_path = args.plot or path.with_name(path.stem + "_gap.png")
+    print(render(path, args.kind, plot_path))
+
+
+if __name__ == "__main__":
+    main()
