@@ -49,6 +49,9 @@ VARIANTS = {  # in the order they run: the explanations' tests first
     "topk": (dict(routing="topk"), "track_defaults"),
     "default": (dict(routing="default"), None),  # the paper's form
     "centred": (dict(routing="default"), "centre_defaults"),  # no shared bias in the default term
+    # Experts that get no tokens keep their default forever (stale): let it decay instead, or keep it current.
+    "decay_stale": (dict(routing="default"), "decay_stale_defaults"),
+    "unrouted": (dict(routing="default", default_ema_source="unrouted"), None),
     "after_use": (dict(routing="default", default_ema_update="after_use"), None),  # no leak of the batch
     "gradient": (dict(routing="default", default_term="gradient"), None),  # the router gradient without the term
     "aux_0.05": (dict(routing="default", router_aux_loss_coef=0.05), None),  # more balancing pressure, per arm
@@ -97,6 +100,25 @@ class TrackedDefaultsBlock(DefaultMoeSparseMoeBlock):
         return None, counts_E, ema_update
 
 
+class DecayingDefaultsBlock(DefaultMoeSparseMoeBlock):
+    """An expert that gets no tokens in a forward has its default decay towards zero, D_i <- beta D_i, instead of
+    keeping it unchanged; experts that get tokens update as the paper's EMA. (The paper's rule leaves a dead
+    expert's last default in every token's output for as long as the router gives the expert probability.)"""
+
+    def _ema_after(self, update_E1: torch.Tensor, batch_mean_EH: torch.Tensor) -> torch.Tensor:
+        ema_EH, beta = self.default_outputs.ema, self.config.default_ema_beta
+        return torch.where(update_E1, beta * ema_EH + (1.0 - beta) * batch_mean_EH, beta * ema_EH)
+
+
+def decay_stale_defaults(model):
+    """Patch every MoE block of a routing="default" model in place to `DecayingDefaultsBlock`."""
+    if model.config.routing != "default":
+        raise ValueError(f"decay_stale_defaults: routing must be 'default', got {model.config.routing!r}")
+    for block in moe_blocks(model):
+        block.__class__ = DecayingDefaultsBlock
+    return model
+
+
 def centre_defaults(model):
     """Patch every MoE block of a routing="default" model in place to centred defaults (`CentredDefaultsBlock`)."""
     if model.config.routing != "default":
@@ -118,7 +140,11 @@ def track_defaults(model):
     return model
 
 
-PATCHES = {"centre_defaults": centre_defaults, "track_defaults": track_defaults}
+PATCHES = {
+    "centre_defaults": centre_defaults,
+    "decay_stale_defaults": decay_stale_defaults,
+    "track_defaults": track_defaults,
+}
 
 
 def moe_blocks(model) -> list[DefaultMoeSparseMoeBlock]:
@@ -331,6 +357,22 @@ def _per_layer(runs: list[dict], key: str, point: str | None = None) -> str:
     return " / ".join(f"{_mean(col):.2f}" for col in zip(*rows, strict=True))
 
 
+def _dead(runs: list[dict]) -> tuple[str, str]:
+    """Per layer, mean over runs: experts that got no validation token, and the router mass they get."""
+    counts, mass = [], []
+    for r in runs:
+        layers = _layers(r)
+        dead = [[n == 0 for n in layer["tokens_per_expert"]] for layer in layers]
+        counts.append([sum(d) for d in dead])
+        mass.append([sum(p for p, d in zip(layer["router_prob_per_expert"], ds, strict=True) if d)
+                     for layer, ds in zip(layers, dead, strict=True)])  # fmt: skip
+
+    def cell(rows, digits):
+        return " / ".join(f"{_mean(col):.{digits}f}" for col in zip(*rows, strict=True)) if rows else "-"
+
+    return cell(counts, 1), cell(mass, 2)
+
+
 def _cos_mean(runs: list[dict]) -> str:
     rows = [[_mean(layer["ema_cos_to_mean_per_expert"]) for layer in _layers(r)] for r in runs]
     rows = [row for row in rows if row]
@@ -380,7 +422,9 @@ def render(runs: list[dict], quick: bool = False) -> str:
         "`cos` = mean cosine of D_i to the mean, `term/routed` and `term/out` = mean norm of the default term over "
         "that of the routed term and of the block's output (for top-K and gradient-only: the term the paper's "
         "form would add; top-K tracks the EMA without using it), `common/term` = share of the term's norm that is "
-        "`(1 - p_A) mean D`, `train-val` = training loss (mean over the last 50 steps) minus validation loss.\n",
+        "`(1 - p_A) mean D`, `dead` = experts that got no token of the held-out batches, `p dead` = the router's "
+        "mean probability on them (their defaults, frozen since they last got tokens, are in every token's output "
+        "with that weight), `train-val` = training loss (mean over the last 50 steps) minus validation loss.\n",
     ]
     rows = []
     for v in variants:
@@ -391,10 +435,11 @@ def render(runs: list[dict], quick: bool = False) -> str:
             [v, len(at), _per_layer(at, "load_max_over_mean"), _per_layer(at, "load_entropy"),
              _per_layer(at, "unselected_mass"), _per_layer(at, "ema_norm_mean"), _per_layer(at, "ema_common_ratio"),
              _cos_mean(at), _per_layer(at, "default_over_routed"), _per_layer(at, "default_over_output"),
-             _per_layer(at, "common_term_over_default"), _gap(at)]
+             _per_layer(at, "common_term_over_default"), *_dead(at), _gap(at)]
         )  # fmt: skip
     header = ["variant", "seeds", "load", "H", "unsel.", "norm D", "common", "cos", "term/routed", "term/out"]
-    out += [f"\nAt LR {first_lr:g}:\n\n", _table([*header, "common/term", "train-val"], rows)]
+    header += ["common/term", "dead", "p dead", "train-val"]
+    out += [f"\nAt LR {first_lr:g}:\n\n", _table(header, rows)]
 
     over = [v for v in ("topk", "default", "centred", "after_use") if v in variants]
     seed0 = {v: next((r for r in runs if r["variant"] == v and r["lr"] == first_lr), None) for v in over}

@@ -147,7 +147,7 @@ def test_diagnostics_against_direct_computation():
     hook.remove()
     assert outputs
     x = torch.cat(captured)
-    p = torch.softmax(x @ block.gate.weight.T, -1)
+    p = torch.softmax(x @ block.gate.weight.detach().T, -1)
     top = p.topk(2, -1)
     counts = torch.bincount(top.indices.flatten(), minlength=4).float()
     D = block.default_outputs.ema
@@ -189,3 +189,24 @@ def test_quick_balance_and_finetune(tmp_path):
         assert record["key"]["variant"] == record["result"]["variant"]
         layers = record["result"]["points"][str(s["steps"])]["layers"]
         assert all(layer["load_max_over_mean"] >= 1 and 0 <= layer["load_entropy"] <= 1 for layer in layers)
+
+
+def test_stale_defaults_decay():
+    """With `decay_stale_defaults`, an expert that gets no token in a training forward has D <- beta D; the others
+    follow the paper's EMA (the loop reference), as the forward uses them (before use)."""
+    model = balance.decay_stale_defaults(tiny())
+    block = balance.moe_blocks(model)[0]
+    block.default_outputs.ema.normal_(generator=torch.Generator().manual_seed(5))
+    defaults = block.default_outputs.ema.clone()
+    x_TH = torch.randn(3, 16, generator=torch.Generator().manual_seed(6))  # 3 tokens, top-1: an expert gets none
+    beta = block.config.default_ema_beta
+    expected = ema_reference(block, x_TH, defaults, beta)
+    routed = torch.topk(x_TH @ block.gate.weight.T, 1).indices.flatten().tolist()
+    idle = [i for i in range(4) if i not in routed]
+    assert idle
+    expected[idle] = beta * defaults[idle]
+    block.train()
+    block(x_TH.unsqueeze(0)).sum().backward()
+    torch.testing.assert_close(block.default_outputs.ema, expected, atol=1e-6, rtol=1e-6)
+    with pytest.raises(ValueError, match="decay_stale_defaults: routing must be 'default'"):
+        balance.decay_stale_defaults(tiny("topk"))
