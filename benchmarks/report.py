@@ -302,7 +302,7 @@ def render_quality(q: dict, command: str) -> str:
     out = [
         f"### Quality: small-scale pretraining\n\nCommand: `{command}`. Byte-level LM on the built-in corpus, "
         f"{s['layers']} layers (first {s['dense_layers']} dense), hidden {s['hidden']}, {s['experts']} experts "
-        f"top-{s['top_k']} (I={s['inter']}, no renormalisation, beta {s['beta']}), {s['batch']}x{s['seq']} tokens "
+        f"top-{s['top_k']} (I={s['inter']}, no renormalisation, beta {s.get('beta', 'per shape (method.SHAPES)')}), {s['batch']}x{s['seq']} tokens "
         f"per step, AdamW (0.9, 0.95), weight decay 0.1, clip 1.0, {s['warmup']} warm-up steps then constant LR "
         f"{s['lr']:g}, seeds {s['seeds']} (same seed = same initial weights and batches for every variant). "
         "Validation loss (nats/byte) on a fixed held-out set:\n"
@@ -406,7 +406,7 @@ def render_method(m: dict, command: str) -> str:
     out = [
         f"### Method: the paper's protocol at our scale\n\nCommand: `{command}`. Byte-level LM on the built-in corpus, "
         f"{mo['layers']} layers (first dense), hidden {mo['hidden']}, expert width {mo['inter']}, {mo['heads']} heads, "
-        f"{s['batch']}x{s['seq']} tokens per step, no renormalisation, beta {s['beta']}, Switch load balancing 0.01, "
+        f"{s['batch']}x{s['seq']} tokens per step, no renormalisation, beta {s.get('beta', 'per shape (method.SHAPES)')}, Switch load balancing 0.01, "
         "AdamW (0.9, 0.95), weight decay 0.1, clip 1.0, 5% linear warm-up then cosine decay to 0; same seed = same "
         "initial weights and batches for every variant. Validation loss in nats/byte on a fixed held-out set. "
         "Paired difference = variant minus top-K per seed, mean [95% t interval]; negative = better than top-K. "
@@ -476,11 +476,11 @@ def render_method(m: dict, command: str) -> str:
             f"\nConfirmation ({s['confirm_steps']} steps, {s['confirm_steps'] * s['batch'] * s['seq']:,} tokens, "
             f"LR {lr}). `reach` = tokens "
             "the variant needed to reach top-K's final validation loss, as a share of top-K's, mean over the "
-            "seeds that reached it:\n\n"
+            "seeds that reached it; `top-K's cos` = the same model's router gradient with top-K's estimator:\n\n"
         )
         out.append(
             _table(
-                [*header, "per seed", "reach", "cos per layer", "load", "step time vs topk"],
+                [*header, "per seed", "reach", "cos per layer", "top-K's cos per layer", "load", "step time vs topk"],
                 _method_rows(summary, detail=True),
             )
         )

@@ -21,9 +21,11 @@ from __future__ import annotations
 import json
 import math
 import multiprocessing
+import multiprocessing.connection
 import os
 import sys
 import time
+import traceback
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
@@ -108,6 +110,9 @@ def run_jobs(
     log(f"{len(jobs) - len(todo)}/{len(jobs)} runs already in {path}; {len(todo)} to run, {workers} at a time")
     start, cost_done = time.perf_counter(), 0.0
     deadline = None if deadline_s is None else start + deadline_s
+    if path.exists() and path.stat().st_size and not path.read_bytes().endswith(b"\n"):
+        with path.open("a", encoding="utf-8") as out:  # a torn last line stays torn: start on a fresh line
+            out.write("\n")
     with path.open("a", encoding="utf-8") as out:
         for n, (job, result) in enumerate(_imap(fn, todo, workers, deadline), 1):
             record = {"key": job, "result": result, "finished_utc": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime())}
@@ -127,25 +132,45 @@ def run_jobs(
 
 
 def _imap(fn, jobs: list[dict], workers: int, deadline: float | None):
-    """(job, fn(job)) in completion order, `workers` at a time (in this process if 1), none started after
-    `deadline` (a time.perf_counter() value)."""
+    """(job, fn(job)) in completion order, `workers` at a time (in this process if 1; else each in a fresh forked
+    process), none started after `deadline` (a time.perf_counter() value)."""
+    started = lambda: deadline is None or time.perf_counter() <= deadline  # noqa: E731
     if workers <= 1:
         for job in jobs:
-            if deadline is not None and time.perf_counter() > deadline:
+            if not started():
                 return
             yield _call((fn, job))
         return
-    with multiprocessing.get_context("fork").Pool(workers, _die_with_parent, maxtasksperchild=1) as pool:
-        pending, queue = [], list(jobs)
-        while queue or pending:
-            while queue and len(pending) < workers and (deadline is None or time.perf_counter() <= deadline):
-                pending.append(pool.apply_async(_call, ((fn, queue.pop(0)),)))
-            if not pending:
+    context, queue, running = multiprocessing.get_context("fork"), list(jobs), {}
+    try:
+        while queue or running:
+            while queue and len(running) < workers and started():
+                job = queue.pop(0)
+                receive, send = context.Pipe(duplex=False)
+                process = context.Process(target=_child, args=(fn, job, send), daemon=True)
+                process.start()
+                send.close()
+                running[receive] = (process, job)
+            if not running:
                 return
-            ready = [p for p in pending if p.ready()]
-            if not ready:
-                time.sleep(0.05)
-                continue
-            for p in ready:
-                pending.remove(p)
-                yield p.get()
+            for receive in multiprocessing.connection.wait(list(running)):
+                process, job = running.pop(receive)
+                try:
+                    status, value = receive.recv()
+                except EOFError:
+                    status, value = "error", "the process ended without a result"
+                process.join()
+                if status == "error":
+                    raise RuntimeError(f"run {canonical(job)} failed (exit code {process.exitcode}):\n{value}")
+                yield value
+    finally:
+        for process, _ in running.values():
+            process.terminate()
+
+
+def _child(fn, job: dict, send) -> None:
+    _die_with_parent()
+    try:
+        send.send(("ok", _call((fn, job))))
+    except BaseException:
+        send.send(("error", traceback.format_exc()))

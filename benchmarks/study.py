@@ -44,7 +44,7 @@ SIZES = {
     "s": dict(hidden=64, inter=128, layers=4, heads=4),
     "m": dict(hidden=128, inter=256, layers=4, heads=4),
     "l": dict(hidden=256, inter=512, layers=4, heads=4),
-    # GPU plan (8 layers): about 9M, 60M and 400M parameters at 8e-top1
+    # GPU plan (8 layers): 25M, 98M and 393M parameters at 8e-top1 (5.4M, 21M and 84M active)
     "g-s": dict(hidden=256, inter=512, layers=8, heads=4),
     "g-m": dict(hidden=512, inter=1024, layers=8, heads=8),
     "g-l": dict(hidden=1024, inter=2048, layers=8, heads=16),
@@ -132,17 +132,21 @@ def plan(kind: str) -> dict:
             train_bytes=4_000_000,
             valid_bytes=1_000_000,
             probe_stride=64,
-            # smallest first, each grid centred at a guess (lower for wider models), 8.4M tokens each
+            # smallest first, each grid centred at a guess (lower for wider models); 256 and 128 steps
             study=[
-                tuned("gpu", _cell(size, 8_388_608, tps), arms, centre, [0.5, 1.0, 2.0], [0], seeds)
-                for size, centre in (("g-s", 2e-3), ("g-m", 1e-3), ("g-l", 5e-4))
+                tuned("gpu", _cell(size, tokens, tps), arms, centre, [1.0, 0.5, 2.0], [0], seeds)
+                for size, tokens, centre in (
+                    ("g-s", 8_388_608, 2e-3),
+                    ("g-m", 8_388_608, 1e-3),
+                    ("g-l", 4_194_304, 5e-4),
+                )
             ],
         )
     if kind != "cpu":
         raise ValueError(f"study plan {kind!r}: choose from 'cpu', 'gpu', 'quick'")
     fair = _cell("s", 819_200, 1024)  # 800 steps of 1024 tokens (twice the demo's tokens)
     xs, m, large = _cell("xs", 819_200, 1024), _cell("m", 409_600, 1024), _cell("l", 409_600, 1024)
-    arms, factors, seeds = ["topk", "default"], [0.5, 1.0, 2.0], [0, 1, 2]
+    arms, factors, seeds = ["topk", "default"], [1.0, 0.5, 2.0], [0, 1, 2]  # grids run middle rate first
     fine_arms = ["topk", "default", "default_router_prob"]
     return dict(
         kind=kind,
@@ -159,7 +163,7 @@ def plan(kind: str) -> dict:
                 part="fair",
                 cell=fair,
                 variants=["topk", "default", "gradient"],
-                lrs=[5e-4, 1e-3, 2e-3, 4e-3, 8e-3, 1.6e-2],
+                lrs=[2e-3, 4e-3, 1e-3, 8e-3, 5e-4, 1.6e-2],  # run in this order: top-K's earlier best first
                 grid_seeds=[0, 1],
                 confirm_seeds=[2, 3, 4],
             ),
@@ -170,8 +174,8 @@ def plan(kind: str) -> dict:
             tuned("scale", large, arms, m, factors, [0], seeds),
             at_best_of("scale", _cell("m", 1_638_400, 1024), arms, m, seeds),
             at_best_of("batch", _cell("s", 1_638_400, 1024), arms, fair, seeds),
-            tuned("batch", _cell("s", 1_638_400, 8192), arms, fair, [1.0, 2.0, 4.0], [0], seeds),
-            tuned("batch", _cell("s", 1_638_400, 32768), arms, fair, [2.0, 4.0, 8.0], [0], seeds),
+            tuned("batch", _cell("s", 1_638_400, 8192), arms, fair, [2.0, 1.0, 4.0], [0], seeds),
+            tuned("batch", _cell("s", 1_638_400, 32768), arms, fair, [4.0, 2.0, 8.0], [0], seeds),
             *(
                 tuned("fine", _cell("m", 409_600, 1024, shape), fine_arms, m, factors, [0], seeds)
                 for shape in ("32e-top1", "32e-top4", "32e-top4-shared")
@@ -320,12 +324,12 @@ def stages(p: dict, results_now, dry: bool = False):
         if point["how"] != "at":
             grids = grid_rates(point, study, results_now(), dry)
             jobs = None
-            if grids is not None:
+            if grids is not None:  # seed by seed, rate by rate (in the plan's order: the likeliest best first)
                 jobs = [
-                    _job(part, cell, arm, lr, seed)
+                    _job(part, cell, arm, grids[arm][i], seed)
                     for seed in point["grid_seeds"]
+                    for i in range(len(grids[_arms(point)[0]]))
                     for arm in _arms(point)
-                    for lr in grids[arm]
                 ]
             yield f"{name}: grid", point, jobs
         rates = chosen_rates(point, study, results_now(), dry)

@@ -323,12 +323,16 @@ def plot(points: list[dict], batch: list[dict], trend: dict | None, path: str | 
 
 
 def render(results_path: str | Path, kind: str = "cpu", plot_path: str | Path | None = None) -> str:
-    p = study.plan(kind)
-    results = study.Results(load_results(results_path))
-    out = [
-        f"Results: `{results_path}` ({sum(1 for _ in load_results(results_path))} runs). Progress:\n",
-        progress(p, results),
-    ]
+    """The report of a results file under the plan `kind`."""
+    records = load_results(results_path)
+    return f"Results: `{results_path}` ({len(records)} runs).\n\n" + render_parts(
+        study.plan(kind), study.Results(records), plot_path
+    )
+
+
+def render_parts(p: dict, results: study.Results, plot_path: str | Path | None = None) -> str:
+    """Progress, then every table of the plan `p` (and the plot, if `plot_path`)."""
+    out = ["Progress:\n", progress(p, results)]
     fair = next((point for point in p["study"] if point["how"] == "fair"), None)
     if fair:
         out.append(

@@ -11,6 +11,7 @@ import math
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -201,3 +202,227 @@ def test_cuda_refused_without_a_gpu(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["--device", "cuda", "--out", str(tmp_path / "x.json")])
     assert "--device cuda: torch finds no CUDA device" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The resumable runner (benchmarks/runs.py) and issue 19's study (benchmarks/study.py, benchmarks/study_report.py)
+
+RUNNER_SCRIPT = """
+import sys, time
+sys.path.insert(0, {root!r})
+from benchmarks.runs import run_jobs
+
+def slow_square(job):
+    time.sleep(0.3)
+    return {{"y": job["x"] ** 2}}
+
+run_jobs([{{"x": x}} for x in range(8)], slow_square, {path!r})
+"""
+
+
+def _square(job):
+    """A run for the runner's tests: its square, and when and where it ran."""
+    import time
+
+    start = time.time()
+    time.sleep(job.get("sleep", 0.0))
+    return {"y": job["x"] ** 2, "start": start, "end": time.time(), "pid": os.getpid()}
+
+
+def test_runner_resumes_after_a_kill(tmp_path):
+    """A study killed mid-way keeps its finished runs (a torn last line is ignored); the rerun runs only the rest,
+    reports progress as done/total with elapsed time and ETA, and returns every run in job order."""
+    path = tmp_path / "runs.jsonl"
+    proc = subprocess.Popen([sys.executable, "-c", RUNNER_SCRIPT.format(root=str(ROOT), path=str(path))])
+    try:
+        for _ in range(600):
+            if path.exists() and len(path.read_text().splitlines()) >= 3:
+                break
+            time.sleep(0.1)
+    finally:
+        proc.kill()
+        proc.wait()
+    from benchmarks.runs import load_results, run_jobs
+
+    finished = load_results(path)
+    assert 3 <= len(finished) < 8
+    assert all(r["result"]["y"] == r["key"]["x"] ** 2 for r in finished)
+    with path.open("a") as f:  # as if killed while writing a line
+        f.write('{"key": {"x": 7}, "resu')
+    calls, messages = [], []
+
+    def counted(job):
+        calls.append(job["x"])
+        return _square(job)
+
+    records = run_jobs([{"x": x} for x in range(8)], counted, path, log=messages.append)
+    assert sorted(calls) == sorted(set(range(8)) - {r["key"]["x"] for r in finished})
+    assert [r["key"]["x"] for r in records] == list(range(8))
+    assert [r["result"]["y"] for r in records] == [x * x for x in range(8)]
+    assert messages[0].startswith(f"{len(finished)}/8 runs already in")
+    assert messages[-1].startswith("8/8 done, elapsed ") and "ETA" in messages[-1]
+    assert len(load_results(path)) == 8
+    calls.clear()
+    run_jobs([{"x": x} for x in range(8)], counted, path, log=messages.append)
+    assert calls == []  # everything finished: nothing runs again
+
+
+def test_runner_runs_jobs_in_parallel_and_stops_at_a_deadline(tmp_path):
+    from benchmarks.runs import load_results, run_jobs
+
+    jobs = [{"x": x, "sleep": 1.0} for x in range(4)]
+    records = run_jobs(jobs, _square, tmp_path / "a.jsonl", workers=2, log=lambda m: None)
+    results = [r["result"] for r in records]
+    assert [r["y"] for r in results] == [0, 1, 4, 9]
+    assert len({r["pid"] for r in results} | {os.getpid()}) == 5  # a fresh worker process per run
+    first, second = sorted(results, key=lambda r: r["start"])[:2]
+    assert second["start"] < first["end"]  # two ran at the same time
+    assert run_jobs(jobs, _square, tmp_path / "b.jsonl", workers=2, deadline_s=0, log=lambda m: None) == []
+    assert load_results(tmp_path / "b.jsonl") == []
+    with pytest.raises(ValueError, match="same key"):
+        run_jobs([{"x": 1}, {"x": 1}], _square, tmp_path / "c.jsonl")
+
+
+def _fake(final: float, spike: float = 0.0, load: float = 1.5, active: int = 1000) -> dict:
+    """A run's result as the report reads it: final loss, a 50-window training curve with a rise of `spike`."""
+    curve = {str(i): 3.0 - 0.01 * i for i in range(1, 51)}
+    curve["30"] += spike
+    return {
+        "final_val": final,
+        "diverged": False,
+        "train_curve": curve,
+        "expert_load": [load, load],
+        "params": 2 * active,
+        "active_params": active,
+    }
+
+
+def _record(cell: dict, variant: str, lr: float, seed: int, result: dict, part: str = "fair") -> dict:
+    return {"key": dict(part=part, **cell, variant=variant, seed=seed, lr=lr), "result": result}
+
+
+def test_fair_comparison_statistics_by_hand():
+    """Best rate = lowest mean over the grid's seeds; largest stable = the largest rate without a spike; the paired
+    gap at five seeds is the mean of per-seed differences with a Student t interval (t(4) = 2.776), by hand."""
+    from benchmarks import study, study_report
+
+    p = study.plan("cpu")
+    fair = p["study"][0]
+    cell = fair["cell"]
+    records = []
+    # top-K: best at 2e-3; 8e-3 and above spike. Default: best at 4e-3; stable up to 1.6e-2.
+    topk = {5e-4: 1.90, 1e-3: 1.85, 2e-3: 1.80, 4e-3: 1.82, 8e-3: 1.88, 1.6e-2: 1.95}
+    default = {5e-4: 1.95, 1e-3: 1.88, 2e-3: 1.84, 4e-3: 1.81, 8e-3: 1.83, 1.6e-2: 1.86}
+    for seed in (0, 1):
+        for lr in fair["lrs"]:
+            offset = 0.01 * seed
+            records.append(_record(cell, "topk", lr, seed, _fake(topk[lr] + offset, spike=0.5 * (lr >= 8e-3))))
+            records.append(_record(cell, "default", lr, seed, _fake(default[lr] + offset)))
+            records.append(_record(cell, "gradient", lr, seed, _fake(topk[lr] + offset)))
+    results = study.Results(records)
+    chosen = study.chosen_rates(fair, p["study"], results)
+    assert chosen["topk"] == {"best": 2e-3, "stable": 4e-3}
+    assert chosen["default"] == {"best": 4e-3, "stable": 1.6e-2}
+    # five paired seeds at the best rates: diffs 0.01, 0.03, -0.02, 0.04, 0.02 (seeds 0-1 from the grid above)
+    diffs = {0: 0.01, 1: 0.03, 2: -0.02, 3: 0.04, 4: 0.02}
+    records = [r for r in records if not (r["key"]["lr"] == 4e-3 and r["key"]["variant"] == "default")]
+    for seed, d in diffs.items():
+        top = 1.80 + 0.01 * seed
+        if seed >= 2:
+            records.append(_record(cell, "topk", 2e-3, seed, _fake(top)))
+        records.append(_record(cell, "default", 4e-3, seed, _fake(top + d)))
+    results = study.Results(records)
+    gap = study_report.compare(results, cell, "default", 4e-3, 2e-3)
+    assert gap["seeds"] == [0, 1, 2, 3, 4]
+    assert gap["mean"] == pytest.approx(0.016, abs=1e-12)
+    assert gap["ci95"] == pytest.approx([0.016 - 0.028581, 0.016 + 0.028581], abs=2e-6)
+    assert gap["better"] == 1
+    text = study_report.render_parts(p, results)
+    assert "| each at its best rate | default | 0.004 vs 0.002 |" in text
+    assert "+0.0160 [-0.0126, +0.0446] (n=5, 1 better)" in text
+    assert "| each at its largest stable rate | default | 0.016 vs 0.004 |" in text
+
+
+def test_trend_fit_and_crossing():
+    """Least squares of the gap on log10(compute); the sentence says where it crosses zero."""
+    from benchmarks import study_report
+
+    points = [{"compute": c, "gap": {"mean": g}} for c, g in ((1e12, 0.10), (1e13, 0.06), (1e14, 0.02), (1e15, None))]
+    points[-1]["gap"] = None  # not yet run: left out
+    trend = study_report.fit_trend(points)
+    assert trend["slope"] == pytest.approx(-0.04) and trend["n"] == 3
+    assert trend["crossing"] == pytest.approx(10**14.5)
+    sentence = study_report.trend_sentence(trend)
+    assert "-0.0400 per tenfold compute" in sentence and "3.2e+14 FLOPs, beyond the measured range" in sentence
+    assert "Too few" in study_report.trend_sentence(study_report.fit_trend(points[:2]))
+
+
+def test_report_on_partial_results(tmp_path):
+    """The report renders whatever has run: missing cells say so, a single seed has no interval, and the plot is
+    written."""
+    from benchmarks import study, study_report
+
+    p = study.plan("cpu")
+    fair = p["study"][0]
+    records = [
+        _record(fair["cell"], v, lr, 0, _fake(1.8 + (v == "default") * 0.05))
+        for v in fair["variants"]
+        for lr in fair["lrs"][:4]
+    ]
+    path = tmp_path / "study.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    text = study_report.render(path, "cpu", tmp_path / "gap.png")
+    assert "| topk | not yet run | 1.8000 (1/2 seeds) |" in text  # columns by rate: 5e-4 has not run
+    assert "| default | not yet run | +0.0500 (n=1, 0 better) |" in text  # one seed: no interval
+    assert "Too few scaling points have run" in text
+    assert (tmp_path / "gap.png").stat().st_size > 1000
+
+
+def test_quick_study_runs_resumes_and_renders(tmp_path, one_thread):
+    """`--only study --quick`: every point of the plan runs (grids, chosen rates, seeds, 32 experts with a shared
+    expert), a rerun runs nothing, and the report has every table."""
+    from benchmarks import study, study_report
+
+    path = tmp_path / "study.jsonl"
+    study.run("quick", str(path), log=lambda m: None)
+    records = [json.loads(line) for line in path.read_text().splitlines()]
+    planned = sum(row["runs"] for row in study.estimate(study.plan("quick")))
+    assert 0 < len(records) <= planned
+    assert {r["key"]["part"] for r in records} == {"fair", "scale", "batch", "fine"}
+    assert all(math.isfinite(r["result"]["final_val"]) for r in records)
+    study.run("quick", str(path), log=lambda m: None)
+    assert len(path.read_text().splitlines()) == len(records)
+    text = study_report.render(path, "quick", tmp_path / "gap.png")
+    assert study_report.NOT_RUN not in text
+    assert "#### 32 experts and a shared expert" in text and "default_router_prob" in text
+
+
+def test_study_bf16_run_on_the_cpu(one_thread):
+    """The GPU plan's run (bf16 autocast) at a tiny size, on the CPU: what `--device cuda` does but the device."""
+    from benchmarks import study
+
+    p = study.plan("quick") | {"bf16": True}
+    job = dict(
+        part="gpu", size="q1", shape="8e-top1", tokens=4 * 64, tokens_per_step=64, variant="default", seed=0, lr=1e-3
+    )
+    result = study.train(p, job)
+    assert math.isfinite(result["final_val"]) and result["active_params"] < result["params"]
+    gpu = study.plan("gpu")
+    assert gpu["device"] == "cuda" and gpu["bf16"] is True
+    assert [point["cell"]["size"] for point in gpu["study"]] == ["g-s", "g-m", "g-l"]
+
+
+@pytest.mark.parametrize("results", ["method.json", "speed.json", "fidelity_quality.json"])
+def test_report_tables_have_one_cell_per_header(results):
+    """Every markdown table the report renders from a committed results file has as many cells in each row as in
+    its header (the method confirmation once had one more, so its last columns showed the wrong figures)."""
+    text = report.render([json.loads((ROOT / "benchmarks" / "results" / results).read_text())])
+    tables = 0
+    for block in text.split("\n\n"):
+        lines = [line for line in block.splitlines() if line.startswith("|")]
+        if len(lines) < 3:
+            continue
+        tables += 1
+        widths = {line.count(" | ") for line in lines if not line.startswith("|---")}
+        assert len(widths) == 1, lines[0]
+    assert tables
