@@ -397,6 +397,12 @@ def _paired_cell(diffs: list[float]) -> str:
     return f"{p['mean']:+.3f}{interval} ({p['better']}/{len(diffs)} better)"
 
 
+def grid_done(runs: list[dict], s: dict) -> bool:
+    """Whether `runs` (one variant's) hold every grid cell: each rate on each grid seed."""
+    cells = {(r["lr"], r["seed"]) for r in runs}
+    return all((lr, seed) in cells for lr in s["lr_grid"] for seed in s["grid_seeds"])
+
+
 def own_best(runs: list[dict]) -> float | None:
     """The rate with the lowest mean final loss among `runs` (one variant's, so far), or None."""
     by_lr: dict = {}
@@ -479,13 +485,15 @@ def render(runs: list[dict], quick: bool = False) -> str:
         best = own_best([r for r in mine if r["lr"] in s["lr_grid"]])
         at_best = {r["seed"]: r for r in mine if r["lr"] == best}
         topk = {r["seed"]: r for r in runs if r["variant"] == "topk" and r["lr"] == topk_best}
-        common = sorted(set(at_best) & set(topk))
+        # best against best only once both grids are whole: a partial grid's "best" is not one
+        whole = grid_done(mine, s) and grid_done([r for r in runs if r["variant"] == "topk"], s)
+        common = sorted(set(at_best) & set(topk)) if whole else []
         same_lr = {r["seed"]: r for r in mine if r["lr"] == first_lr}
         topk_same = {r["seed"]: r for r in runs if r["variant"] == "topk" and r["lr"] == first_lr}
         common_same = sorted(set(same_lr) & set(topk_same))
         load = _mean(_mean(layer["load_max_over_mean"] for layer in _layers(r)) for r in at_best.values())
         rows.append(
-            [v, *per_lr, f"{best:g}" if best else "-",
+            [v, *per_lr, f"{best:g}" if grid_done(mine, s) else f"({best:g}: grid partial)",
              "-" if v == "topk" else _paired_cell([at_best[i]["final_val"] - topk[i]["final_val"] for i in common]),
              "-" if v == "topk" else _paired_cell([same_lr[i]["final_val"] - topk_same[i]["final_val"]
                                                    for i in common_same]),
@@ -495,8 +503,8 @@ def render(runs: list[dict], quick: bool = False) -> str:
     out += [
         "\nVariants: final validation loss per rate (mean, number of seeds), each variant's best rate so far, and "
         "the paired difference to top-K (variant minus top-K, same seeds; mean [95% t interval]; negative = better) "
-        f"with each at its own best rate (top-K's: {topk_best:g}) and both at {first_lr:g}; `load` = max/mean at the "
-        "best rate, mean over layers and seeds:\n\n",
+        f"with each at its own best rate once both grids are whole (top-K's so far: {topk_best:g}), and both at "
+        f"{first_lr:g}; `load` = max/mean at the best rate, mean over layers and seeds:\n\n",
         _table(["variant", *lr_cols, "best LR", "vs top-K, own best", f"vs top-K at {first_lr:g}", "load"], rows),
     ]
     return "".join(out)

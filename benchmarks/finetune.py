@@ -213,7 +213,7 @@ def best_lrs(runs: list[dict], s: dict) -> dict[tuple[str, str], float]:
 
 def render(runs: list[dict], quick: bool = False) -> str:
     """Per size: the grid, then each arm at its best rate against top-K at its own, paired by seed."""
-    from .balance import _mean, _paired_cell, _table, own_best
+    from .balance import _mean, _paired_cell, _table, grid_done, own_best
 
     s = settings(quick)
     out = ["### Fine-tuning a converted top-K model on a new domain (issue 19, item 4)\n"]
@@ -246,15 +246,17 @@ def render(runs: list[dict], quick: bool = False) -> str:
         ]
 
         best = {arm: own_best([r for r in mine if r["arm"] == arm]) for arm in ARMS}
+        whole = {arm: grid_done([r for r in mine if r["arm"] == arm], s) for arm in ARMS}
         topk = {r["seed"]: r for r in mine if r["arm"] == "topk" and r["lr"] == best["topk"]}
         rows = []
         for arm in ARMS:
             at = {r["seed"]: r for r in mine if r["arm"] == arm and r["lr"] == best[arm]}
             if not at:
                 continue
-            common = sorted(set(at) & set(topk))
+            common = sorted(set(at) & set(topk)) if whole[arm] and whole["topk"] else []  # best vs best: whole grids
             rows.append(
-                [arm, f"{best[arm]:g}", len(at), f"{_mean(r['val_before_calibration'] for r in at.values()):.4f}",
+                [arm, f"{best[arm]:g}" if whole[arm] else f"({best[arm]:g}: grid partial)", len(at),
+                 f"{_mean(r['val_before_calibration'] for r in at.values()):.4f}",
                  f"{_mean(r['val_curve']['0'] for r in at.values()):.4f}",
                  f"{_mean(r['final_val'] for r in at.values()):.4f}",
                  "-" if arm == "topk" else _paired_cell([at[i]["final_val"] - topk[i]["final_val"] for i in common]),

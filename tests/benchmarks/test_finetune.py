@@ -51,9 +51,14 @@ def test_conversion_per_arm(quick_runs, tmp_path):
 
 
 def test_tables_render_partial_results(quick_runs):
+    """A partial grid names no best rate and pairs nothing at it; a whole one does both, and sends the seeds."""
     runs = list(quick_runs.values())
     text = finetune.render(runs, quick=True)
-    assert "quick (" in text and "| default | 0.001 | 1 |" in text
+    assert "quick (" in text and "| default | (0.001: grid partial) | 1 |" in text
+    assert "better)" not in text
     assert finetune.best_lrs(runs, finetune.settings(True)) == {}  # the grid is not complete: no seed jobs yet
-    grid = [dict(r, lr=lr) for r in runs for lr in finetune.settings(True)["lr_grid"]]
+    lrs = finetune.settings(True)["lr_grid"]
+    grid = [dict(r, lr=lr, final_val=r["final_val"] + i) for r in runs for i, lr in enumerate(lrs)]
+    text = finetune.render(grid, quick=True)
+    assert f"| default | {lrs[0]:g} | 1 |" in text and "/1 better)" in text
     assert {j["seed"] for j in finetune.seed_jobs(grid, quick=True)} == {1}
