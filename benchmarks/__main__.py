@@ -3,7 +3,9 @@
 `python -m benchmarks --only method [--jobs 2]` for the paper's training protocol (about 1.5 h on two cores), and
 `python -m benchmarks --only study [--jobs N] [--plan]` for issue 19's resumable study (benchmarks/study.py: hours;
 one JSON line per finished run in benchmarks/results/study.jsonl, a rerun skips finished runs; `--device cuda` runs
-its GPU plan in bf16; `python -m benchmarks.study_report` makes its tables and plot).
+its GPU plan in bf16; `python -m benchmarks.study_report` makes its tables and plot), and
+`python -m benchmarks --only balance,finetune [--jobs N]` for issue 19's load-balance and fine-tuning studies
+(resumable the same way, in benchmarks/results/<name>_runs.jsonl; `python -m benchmarks.balance` prints their tables).
 
 Writes a JSON file with the machine, the command, and every benchmark's results; `python -m benchmarks.report FILE...`
 turns it into markdown tables (as in BENCHMARKS.md). `--device cuda` runs the speed benchmark on the GPU (bf16,
@@ -24,8 +26,9 @@ from pathlib import Path
 
 import torch
 
-BENCHMARKS = ("speed", "fidelity", "quality", "method", "conversion", "serving", "study")
-DEFAULT = ("speed", "fidelity", "quality", "conversion")  # serving needs --checkpoint; method and study take hours
+BENCHMARKS = ("speed", "fidelity", "quality", "method", "conversion", "serving", "study", "balance", "finetune")
+# serving needs --checkpoint; method, study, balance and finetune take hours
+DEFAULT = ("speed", "fidelity", "quality", "conversion")
 ON_CUDA = ("speed", "serving", "study")  # the benchmarks that run on --device cuda
 
 
@@ -71,7 +74,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument(
         "--threads", type=int, default=1, help="torch intra-op threads (1: steadier on a shared machine)"
     )
-    parser.add_argument("--jobs", type=int, default=1, help="method: training runs at a time (one thread each)")
+    parser.add_argument(
+        "--jobs", type=int, default=1, help="method, study, balance, finetune: runs at a time (one thread each)"
+    )
     parser.add_argument("--method-shapes", help="method: comma-separated subset of 8e-top1,8e-top2,32e-top4")
     parser.add_argument("--method-confirm", help="method: comma-separated variants to confirm as well (e.g. unrouted)")
     parser.add_argument("--plan", action="store_true", help="study: print the plan and its estimated cost, run nothing")
@@ -79,7 +84,7 @@ def main(argv: list[str] | None = None) -> dict:
         "--results",
         help="study: the JSON-lines results file (default benchmarks/results/study.jsonl, study_gpu.jsonl on cuda)",
     )
-    parser.add_argument("--deadline", type=float, help="study: start no run after this many seconds")
+    parser.add_argument("--deadline", type=float, help="study, balance, finetune: start no run after this many seconds")
     args = parser.parse_args(argv)
     only = [name.strip() for name in args.only.split(",") if name.strip()] if args.only else None
     only = only or (["speed"] if args.device == "cuda" else list(DEFAULT))
@@ -150,6 +155,13 @@ def main(argv: list[str] | None = None) -> dict:
             results["benchmarks"][name] = method.run(
                 quick=args.quick, jobs=args.jobs, shapes=shapes, confirm_extra=extra, on_progress=save
             )
+        elif name in ("balance", "finetune"):
+            import importlib
+
+            module = importlib.import_module(f".{name}", __package__)
+            # --quick writes next to --out, so that a smoke test leaves the committed results alone
+            path = Path(args.out).with_suffix(f".{name}.jsonl") if args.quick else None
+            results["benchmarks"][name] = module.run(args.quick, args.jobs, path, deadline_s=args.deadline)
         elif name == "conversion":
             results["benchmarks"][name] = run_conversion(args.quick)
         elif name == "serving":

@@ -192,7 +192,8 @@ def parameter_counts(model) -> dict:
 def train_run(job: dict) -> dict:
     """One training run: job = dict(s, shape, variant, seed, lr, steps). `s` may set "device" ("cpu" or "cuda")
     and "bf16" (bf16 autocast, the weights and optimizer in fp32); validation batches are `eval_batch` (default
-    `batch`) sequences each."""
+    `batch`) sequences each. With return_model=True the result holds the trained model too (benchmarks/finetune.py
+    pre-trains with it)."""
     s, steps = job["s"], job["steps"]
     device = torch.device(s.get("device", "cpu"))
     torch.set_num_threads(1)
@@ -237,7 +238,7 @@ def train_run(job: dict) -> dict:
         "max_spike": max_spike(train_losses, warmup),
         "diverged": not math.isfinite(final) or final > math.log(256),
         "train_seconds": seconds,
-    }
+    } | ({"model": model} if job.get("return_model") else {})
 
 
 def _run_all(jobs: list[dict], workers: int):
