@@ -21,6 +21,10 @@ fi
 export PYTHONPATH="$PWD/src:$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 out="${OUT:-/tmp/study_gpu}"
 mkdir -p "$out"
+# Resume: the runs already in the committed results file are skipped (a new run appends to the copy under $out).
+if [ -z "${QUICK:-}" ] && [ -f benchmarks/results/study_gpu.jsonl ] && [ ! -f "$out/study_gpu.jsonl" ]; then
+  cp benchmarks/results/study_gpu.jsonl "$out/study_gpu.jsonl"
+fi
 python3 -c "import torch, transformers; print('torch', torch.__version__, 'cuda', torch.cuda.is_available(), 'transformers', transformers.__version__)"
 if [ -n "${QUICK:-}" ]; then
   plan=(--quick) kind=quick
