@@ -8,6 +8,10 @@
    FutureWarning, at the call that logged it, where the same filters decide.
 2. Under CI (the environment variable `CI` set), nothing may be skipped for want of a tool or package: the dev
    extras install them all. Only the skips in `SKIPS_ALLOWED_IN_CI` pass; any other skip becomes a failure.
+
+And each test gets torch's intra-op thread count back as it found it: the benchmark code sets one thread, and a
+matmul's reduction order (so its last bit) depends on the thread count, which exact comparisons with a fresh
+process (its default count) see.
 """
 
 import logging
@@ -15,6 +19,7 @@ import os
 import warnings
 
 import pytest
+import torch
 
 from deprecations import ACCEPTED, DEPRECATION, LIBRARIES
 
@@ -81,3 +86,10 @@ def pytest_runtest_makereport(item, call):
 def pytest_make_collect_report(collector):
     # A module-level `pytest.importorskip` skips the whole file at collection.
     return _fail_skip_in_ci((yield))
+
+
+@pytest.fixture(autouse=True)
+def _torch_threads_restored():
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)

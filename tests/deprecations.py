@@ -20,6 +20,21 @@ ACCEPTED = {
         "transformers 5.25 renamed it `is_activation_checkpointing`; peft 0.21.2 (the newest) still reads the old "
         "property when it wraps a model (peft_model.py, `get_peft_model`). Inside peft; our code uses neither name."
     ),
+    r"`torch\.jit\.script_method` is deprecated": (
+        "raised inside torch 2.13 itself when a module is imported: torch/utils/mkldnn.py defines MkldnnLinear with "
+        "`@torch.jit.script_method`, and torch.fx.experimental.optimization imports it, which inductor's "
+        "pre-grad passes import on the first `torch.compile(backend='inductor')` and vLLM 0.32 imports with "
+        "`vllm.LLM`. Our code uses no torch.jit."
+    ),
+    r"`gradient_checkpointing` is deprecated and will be removed in v6": (
+        "raised by transformers 5.25's TrainingArguments when TRL 1.16's configs are built as their users build them: "
+        "TRL's own base config (trl/trainer/base_config.py) defaults the old `gradient_checkpointing` field to True. "
+        "Inside TRL's defaults; our code passes the running release's name (tests/tiny_models.checkpointing_argument)."
+    ),
+    r"`gradient_checkpointing_(enable|disable)` is deprecated and will be removed in v6": (
+        "called inside TRL 1.16: DPOTrainer's reference pass turns checkpointing off and on again with the old "
+        "method names (trl/models/utils.py, `disable_gradient_checkpointing`)."
+    ),
     r"Passing `generation_config` together with generation-related arguments": (
         "logged by transformers 5.20's assisted decoding: its candidate generator calls the assistant's `generate` "
         "with both (candidate_generator.py); our test passes only `max_new_tokens`, `do_sample` and "
