@@ -11,7 +11,8 @@ PIP = --quiet --disable-pip-version-check
 # field names differ by release). The newest release runs everything.
 FLOOR_TESTS = tests/test_configuration_default_moe.py tests/test_modeling_default_moe.py \
 	tests/test_modeling_default_moe_layer.py tests/test_modeling_default_moe_generation.py \
-	tests/test_modeling_default_moe_compile.py tests/test_modeling_default_moe_parallel.py tests/test_modeling_default_moe_experts.py tests/conversion \
+	tests/test_modeling_default_moe_compile.py tests/test_modeling_default_moe_parallel.py \
+	tests/test_modeling_default_moe_experts.py tests/conversion \
 	tests/test_suite_rules.py tests/training/test_cli.py::test_train_writes_a_complete_reloadable_final_checkpoint
 
 .PHONY: install demo test test-newest test-floor test-serving lint bench
