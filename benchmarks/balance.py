@@ -110,22 +110,23 @@ class DecayingDefaultsBlock(DefaultMoeSparseMoeBlock):
         return torch.where(update_E1, beta * ema_EH + (1.0 - beta) * batch_mean_EH, beta * ema_EH)
 
 
+def _patch_blocks(model, block_class, name: str):
+    """Turn every MoE block of a routing="default" model into `block_class`, in place."""
+    if model.config.routing != "default":
+        raise ValueError(f"{name}: routing must be 'default', got {model.config.routing!r}")
+    for block in moe_blocks(model):
+        block.__class__ = block_class
+    return model
+
+
 def decay_stale_defaults(model):
     """Patch every MoE block of a routing="default" model in place to `DecayingDefaultsBlock`."""
-    if model.config.routing != "default":
-        raise ValueError(f"decay_stale_defaults: routing must be 'default', got {model.config.routing!r}")
-    for block in moe_blocks(model):
-        block.__class__ = DecayingDefaultsBlock
-    return model
+    return _patch_blocks(model, DecayingDefaultsBlock, "decay_stale_defaults")
 
 
 def centre_defaults(model):
     """Patch every MoE block of a routing="default" model in place to centred defaults (`CentredDefaultsBlock`)."""
-    if model.config.routing != "default":
-        raise ValueError(f"centre_defaults: routing must be 'default', got {model.config.routing!r}")
-    for block in moe_blocks(model):
-        block.__class__ = CentredDefaultsBlock
-    return model
+    return _patch_blocks(model, CentredDefaultsBlock, "centre_defaults")
 
 
 def track_defaults(model):
