@@ -18,7 +18,7 @@ import os
 from pathlib import Path
 
 from .data import DataError, check_seq_len, load_tokenizer
-from .trainer import PRESETS, check_output_dir, parse_overrides
+from .trainer import PRESETS, check_output_dir, default_lr, parse_overrides
 
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
@@ -55,7 +55,11 @@ def add_trainer_arguments(parser: argparse.ArgumentParser, output_required: bool
     group.add_argument("--output-dir", required=output_required, help="checkpoints, logs, plots and final/")
     group.add_argument("--max-steps", type=int, default=-1, help="optimizer steps (default: --epochs)")
     group.add_argument("--epochs", type=float, default=1.0, help="epochs when --max-steps is not given")
-    group.add_argument("--lr", type=float, default=6e-4, help="peak learning rate (default 6e-4)")
+    group.add_argument(
+        "--lr",
+        type=float,
+        help="peak learning rate (default: 2e-3 for a fresh tiny-preset model, measured in BENCHMARKS.md; else 6e-4)",
+    )
     group.add_argument("--lr-scheduler", default="cosine", help="transformers scheduler type (default cosine)")
     group.add_argument("--warmup-steps", type=float, default=0.05, help="warmup steps, or a ratio if < 1")
     group.add_argument("--weight-decay", type=float, default=0.1)
@@ -111,6 +115,8 @@ def training_arguments(args: argparse.Namespace, evaluate: bool, output_dir: str
             raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
     if args.max_steps == 0 or args.epochs <= 0:
         raise ValueError("nothing to train: --max-steps and --epochs must be positive")
+    if args.lr is None:
+        args.lr = default_lr(args.preset, args.config, args.model)
     if args.lr <= 0:
         raise ValueError(f"--lr must be positive, got {args.lr}")
     eval_strategy = "no"

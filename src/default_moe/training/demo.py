@@ -14,8 +14,12 @@ import argparse
 import time
 from pathlib import Path
 
+from .trainer import MEASURED_LR
+
 # (preset, sequence length, batch size, default steps, learning rate, vocabulary, validation tokens)
-FULL = dict(preset="tiny", seq_len=128, batch_size=8, steps=250, lr=1e-3, vocab_size=4096, eval_tokens=16384)
+FULL = dict(
+    preset="tiny", seq_len=128, batch_size=8, steps=250, lr=MEASURED_LR["tiny"], vocab_size=4096, eval_tokens=16384
+)
 QUICK = dict(preset="micro", seq_len=64, batch_size=4, steps=30, lr=2e-3, vocab_size=1024, eval_tokens=2048)
 PROMPT = "def "
 # What `python -m benchmarks --only method` measured (BENCHMARKS.md, "Does it help?"), said after the demo's own result.
@@ -90,7 +94,7 @@ def demo(args: argparse.Namespace) -> dict:
         f"seeds {' '.join(map(str, seeds))}",
         flush=True,
     )
-    training_args = _training_args(output, steps, settings, args)
+    training_args = demo_training_args(output, steps, settings, args)
     records = []
     for seed in seeds:
         if seed != seeds[0]:
@@ -114,7 +118,7 @@ def demo(args: argparse.Namespace) -> dict:
     return {"records": records, "reports": reports, "final_dir": final, "sample": sample, "seconds": seconds}
 
 
-def _training_args(output: Path, steps: int, settings: dict, args: argparse.Namespace):
+def demo_training_args(output: Path, steps: int, settings: dict, args: argparse.Namespace):
     import torch
     from transformers import TrainingArguments
 

@@ -60,6 +60,20 @@ PRESETS: dict[str, dict] = {
 }  # fmt: skip
 
 
+# Peak learning rate by what is trained. A fresh tiny-preset model: 2e-3, the best rate of both routings in the
+# demo's own run over 1e-3 / 2e-3 / 4e-3 (benchmarks/defaults.py; at 4e-3 top-K degrades, Default much less).
+# Anything else (larger presets, config files, checkpoints to fine-tune) is not measured here and keeps 6e-4.
+MEASURED_LR = {"tiny": 2e-3}
+UNMEASURED_LR = 6e-4
+
+
+def default_lr(preset: str | None, config_file: str | None, checkpoint: str | None) -> float:
+    """The peak learning rate `train` and `compare` use when `--lr` is not given."""
+    if config_file or checkpoint:
+        return UNMEASURED_LR
+    return MEASURED_LR.get(preset or "tiny", UNMEASURED_LR)
+
+
 def preset_config(name: str, **overrides):
     from default_moe import DefaultMoeConfig
 
