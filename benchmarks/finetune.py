@@ -63,7 +63,7 @@ def settings(quick: bool) -> dict:
         steps=200,  # 204,800 bytes of prose: about half an epoch of its training split (438 kB)
         points=4,
         calibration_batches=16,  # 16,384 tokens; beta 0.9 forgets the zero start after ~30 updates per expert
-        lr_grid=[3e-4, 1e-3, 3e-3],
+        lr_grid=[3e-4, 1e-3, 3e-3, 1e-2],  # 3e-3 was best for every arm on seed 0: the grid goes one rate higher
         grid_seeds=[0],  # the grid on one seed (compute), then 4 more seeds at each arm's best rate
         seeds=[0, 1, 2, 3, 4],
         eval_batches=4,
@@ -119,7 +119,18 @@ def pretrained(s: dict, size: str, quick: bool) -> dict:
             )
             model = result.pop("model")
             torch.save({"state": model.state_dict(), "record": result}, path)
-        return torch.load(path)
+        base = torch.load(path)
+    return {**base, "fingerprint": fingerprint(base["state"])}
+
+
+def fingerprint(state: dict[str, torch.Tensor]) -> str:
+    """A short hash of a state dict's names and values: runs fine-tuned from different pre-trained weights (another
+    code version or machine trains another model; the cache is not committed) are never paired or resumed as one."""
+    digest = hashlib.sha256()
+    for name in sorted(state):
+        digest.update(name.encode())
+        digest.update(state[name].detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()[:16]
 
 
 def prose_batches(s: dict, split: str, count: int, seed: int) -> torch.Tensor:
@@ -127,11 +138,14 @@ def prose_batches(s: dict, split: str, count: int, seed: int) -> torch.Tensor:
 
 
 def train_run(job: dict) -> dict:
-    """One fine-tuning run: job = dict(size, arm, seed, lr, quick)."""
+    """One fine-tuning run: job = dict(size, arm, seed, lr, quick, pretrained), `pretrained` the fingerprint of the
+    pre-trained weights the job was planned from."""
     quick = job.get("quick", False)
     s = settings(quick)
     torch.set_num_threads(1)
     base = pretrained(s, job["size"], quick)
+    if base["fingerprint"] != job["pretrained"]:
+        raise RuntimeError(f"the cached pre-trained {job['size']} model changed under the study: rerun the command")
     model = build_ours(_config(s, job["size"], **ARMS[job["arm"]]), seed=0)
     model.load_state_dict(base["state"])
     valid = prose_batches(s, "validation", s["eval_batches"], seed=4242)
@@ -156,7 +170,7 @@ def train_run(job: dict) -> dict:
     train_losses = train(model, optimizer, schedule, batches, evaluate)
     final = val[str(eval_at[-1])]
     return {
-        **{k: job[k] for k in ("size", "arm", "seed", "lr")},
+        **{k: job[k] for k in ("size", "arm", "seed", "lr", "pretrained")},
         "steps": steps,
         "tokens_per_step": s["batch"] * s["seq"],
         "parameters": sum(p.numel() for p in model.parameters()),
@@ -172,27 +186,35 @@ def train_run(job: dict) -> dict:
     }
 
 
-def grid_jobs(quick: bool = False, sizes: list[str] | None = None) -> list[dict]:
-    """Every arm's learning-rate grid, size by size, seed by seed, rate by rate (whole pairs first if cut short)."""
+def grid_jobs(quick: bool, size: str, pretrained: str) -> list[dict]:
+    """Every arm's learning-rate grid for one size, from the pre-trained weights whose fingerprint is `pretrained`,
+    seed by seed, rate by rate (whole pairs first if cut short)."""
     s = settings(quick)
     return [
-        dict(size=size, arm=arm, seed=seed, lr=lr, quick=quick)
-        for size in sizes or s["sizes"]
+        dict(size=size, arm=arm, seed=seed, lr=lr, quick=quick, pretrained=pretrained)
         for seed in s["grid_seeds"]
         for lr in s["lr_grid"]
         for arm in ARMS
     ]
 
 
-def seed_jobs(runs: list[dict], quick: bool = False) -> list[dict]:
-    """The remaining seeds of every (size, arm) whose grid is complete in `runs`, at its best rate."""
+def seed_jobs(runs: list[dict], quick: bool, size: str, pretrained: str) -> list[dict]:
+    """The remaining seeds of every arm of `size` whose grid is complete in `runs` (from `pretrained`), at its best
+    rate."""
     s = settings(quick)
+    runs = [r for r in runs if r["size"] == size and r.get("pretrained") == pretrained]
     return [
-        dict(size=size, arm=arm, seed=seed, lr=lr, quick=quick)
+        dict(size=size, arm=arm, seed=seed, lr=lr, quick=quick, pretrained=pretrained)
         for seed in s["seeds"]
         if seed not in s["grid_seeds"]
-        for (size, arm), lr in best_lrs(runs, s).items()
+        for (_, arm), lr in best_lrs(runs, s).items()
     ]
+
+
+def current(runs: list[dict]) -> list[dict]:
+    """Per size, the runs from the pre-trained weights of its most recent run (the file keeps the others)."""
+    latest = {r["size"]: r.get("pretrained") for r in runs}
+    return [r for r in runs if r.get("pretrained") is not None and r.get("pretrained") == latest[r["size"]]]
 
 
 def best_lrs(runs: list[dict], s: dict) -> dict[tuple[str, str], float]:
@@ -217,6 +239,8 @@ def render(runs: list[dict], quick: bool = False) -> str:
 
     s = settings(quick)
     out = ["### Fine-tuning a converted top-K model on a new domain (issue 19, item 4)\n"]
+    stale, runs = len(runs), current(runs)
+    stale -= len(runs)
     if not runs:
         return out[0] + "\nNo runs yet.\n"
     out.append(
@@ -227,7 +251,9 @@ def render(runs: list[dict], quick: bool = False) -> str:
         "nats/byte on held-out prose topics. `converted` = prose loss of the converted model before fine-tuning "
         "(top-K: the pre-trained model itself), `Python after` = loss on held-out Python after fine-tuning "
         "(forgetting). Paired difference = arm minus top-K, same seeds, each at its own best rate; mean [95% t "
-        "interval]; negative = better.\n"
+        "interval]; negative = better."
+        + (f" ({stale} earlier runs from other pre-trained weights are left out.)" if stale else "")
+        + "\n"
     )
     for size in dict.fromkeys(r["size"] for r in runs):
         mine = [r for r in runs if r["size"] == size]
@@ -281,11 +307,14 @@ def run(
 
     path = results_path or Path(__file__).resolve().parent / "results" / "finetune_runs.jsonl"
     start = time.monotonic()
-    for size in settings(quick)["sizes"]:  # size by size: the first size's comparison is whole before the next starts
+    s = settings(quick)
+    for size in s["sizes"]:  # size by size: the first size's comparison is whole before the next starts
+        base = pretrained(s, size, quick)["fingerprint"]
         left = None if deadline_s is None else max(0.0, deadline_s - (time.monotonic() - start))
-        run_jobs(grid_jobs(quick, [size]), train_run, path, workers, log=log, describe=describe, deadline_s=left)
-        grid = [r["result"] for r in load_results(path) if r["result"]["size"] == size]
+        run_jobs(grid_jobs(quick, size, base), train_run, path, workers, log=log, describe=describe, deadline_s=left)
+        grid = [r["result"] for r in load_results(path)]
         left = None if deadline_s is None else max(0.0, deadline_s - (time.monotonic() - start))
-        run_jobs(seed_jobs(grid, quick), train_run, path, workers, log=log, describe=describe, deadline_s=left)
+        jobs = seed_jobs(grid, quick, size, base)
+        run_jobs(jobs, train_run, path, workers, log=log, describe=describe, deadline_s=left)
     runs = [r["result"] for r in load_results(path)]
     return {"results_file": str(path), "runs": len(runs), "tables": render(runs, quick)}

@@ -30,9 +30,9 @@ def test_prose_corpus_is_a_fixed_split_of_english_text():
 @pytest.fixture
 def quick_runs(tmp_path, monkeypatch):
     monkeypatch.setattr(finetune, "CACHE", tmp_path)
-    threads = torch.get_num_threads()
-    yield {arm: finetune.train_run(dict(size="quick", arm=arm, seed=0, lr=1e-3, quick=True)) for arm in finetune.ARMS}
-    torch.set_num_threads(threads)
+    base = finetune.pretrained(finetune.settings(True), "quick", True)["fingerprint"]
+    job = dict(size="quick", seed=0, lr=1e-3, quick=True, pretrained=base)
+    return {arm: finetune.train_run(dict(job, arm=arm)) for arm in finetune.ARMS}
 
 
 def test_conversion_per_arm(quick_runs, tmp_path):
@@ -61,4 +61,24 @@ def test_tables_render_partial_results(quick_runs):
     grid = [dict(r, lr=lr, final_val=r["final_val"] + i) for r in runs for i, lr in enumerate(lrs)]
     text = finetune.render(grid, quick=True)
     assert f"| default | {lrs[0]:g} | 1 |" in text and "/1 better)" in text
-    assert {j["seed"] for j in finetune.seed_jobs(grid, quick=True)} == {1}
+    base = runs[0]["pretrained"]
+    assert {j["seed"] for j in finetune.seed_jobs(grid, True, "quick", base)} == {1}
+    assert finetune.seed_jobs(grid, True, "quick", "another model") == []
+
+
+def test_runs_from_other_pretrained_weights_are_never_mixed(quick_runs, tmp_path):
+    """The cache is not committed: a later session (another code version) may pre-train other weights. Runs are
+    keyed by the weights' fingerprint, a job planned from other weights refuses to run, and the tables use only the
+    runs from each size's most recent weights."""
+    runs = list(quick_runs.values())
+    base = runs[0]["pretrained"]
+    state = torch.load(next(tmp_path.glob("pretrain-quick-*.pt")))["state"]
+    assert finetune.fingerprint(state) == base and len(base) == 16
+    state[next(iter(state))].view(-1)[0] += 1e-6
+    assert finetune.fingerprint(state) != base
+    with pytest.raises(RuntimeError, match="changed under the study"):
+        finetune.train_run(dict(size="quick", arm="topk", seed=0, lr=1e-3, quick=True, pretrained="0" * 16))
+    older = [dict(r, pretrained="0" * 16, final_val=9.0) for r in runs]
+    assert finetune.current(older + runs) == runs
+    text = finetune.render(older + runs, quick=True)
+    assert "(3 earlier runs from other pre-trained weights are left out.)" in text and "9.0000" not in text
