@@ -4,8 +4,9 @@
 `python -m benchmarks --only study [--jobs N] [--plan]` for issue 19's resumable study (benchmarks/study.py: hours;
 one JSON line per finished run in benchmarks/results/study.jsonl, a rerun skips finished runs; `--device cuda` runs
 its GPU plan in bf16; `python -m benchmarks.study_report` makes its tables and plot), and
-`python -m benchmarks --only balance,finetune [--jobs N]` for issue 19's load-balance and fine-tuning studies
-(resumable the same way, in benchmarks/results/<name>_runs.jsonl; `python -m benchmarks.balance` prints their tables).
+`python -m benchmarks --only balance,finetune,defaults [--jobs N]` for issue 19's load-balance, fine-tuning and
+demo-learning-rate studies (resumable the same way, in benchmarks/results/<name>_runs.jsonl; `python -m
+benchmarks.balance` prints the first two's tables, `python -m benchmarks.defaults` the last's).
 
 Writes a JSON file with the machine, the command, and every benchmark's results; `python -m benchmarks.report FILE...`
 turns it into markdown tables (as in BENCHMARKS.md). `--device cuda` runs the speed benchmark on the GPU (bf16,
@@ -26,8 +27,19 @@ from pathlib import Path
 
 import torch
 
-BENCHMARKS = ("speed", "fidelity", "quality", "method", "conversion", "serving", "study", "balance", "finetune")
-# serving needs --checkpoint; method, study, balance and finetune take hours
+BENCHMARKS = (
+    "speed",
+    "fidelity",
+    "quality",
+    "method",
+    "conversion",
+    "serving",
+    "study",
+    "balance",
+    "finetune",
+    "defaults",
+)
+# serving needs --checkpoint; method, study, balance, finetune and defaults take hours
 DEFAULT = ("speed", "fidelity", "quality", "conversion")
 ON_CUDA = ("speed", "serving", "study")  # the benchmarks that run on --device cuda
 
@@ -79,6 +91,9 @@ def main(argv: list[str] | None = None) -> dict:
     )
     parser.add_argument("--method-shapes", help="method: comma-separated subset of 8e-top1,8e-top2,32e-top4")
     parser.add_argument("--method-confirm", help="method: comma-separated variants to confirm as well (e.g. unrouted)")
+    parser.add_argument(
+        "--balance-variants", help="balance: comma-separated variants to run (default: all, in balance.VARIANTS' order)"
+    )
     parser.add_argument("--plan", action="store_true", help="study: print the plan and its estimated cost, run nothing")
     parser.add_argument(
         "--results",
@@ -96,6 +111,12 @@ def main(argv: list[str] | None = None) -> dict:
             parser.error(f"{sorted(set(only) - set(ON_CUDA))} run on the CPU only; --device cuda runs {ON_CUDA}")
         if not torch.cuda.is_available() and not args.plan:
             parser.error("--device cuda: torch finds no CUDA device")
+    if args.balance_variants:
+        from .balance import VARIANTS
+
+        unknown = sorted(set(args.balance_variants.split(",")) - set(VARIANTS))
+        if unknown:
+            parser.error(f"--balance-variants: unknown {unknown}; choose from {', '.join(VARIANTS)}")
     if "serving" in only and not args.checkpoint:
         parser.error("the serving benchmark needs --checkpoint DIR (a trained Default MoE checkpoint folder)")
     if only == ["study"]:  # its own results file, appended run by run
@@ -155,13 +176,16 @@ def main(argv: list[str] | None = None) -> dict:
             results["benchmarks"][name] = method.run(
                 quick=args.quick, jobs=args.jobs, shapes=shapes, confirm_extra=extra, on_progress=save
             )
-        elif name in ("balance", "finetune"):
+        elif name in ("balance", "finetune", "defaults"):
             import importlib
 
             module = importlib.import_module(f".{name}", __package__)
             # --quick writes next to --out, so that a smoke test leaves the committed results alone
             path = Path(args.out).with_suffix(f".{name}.jsonl") if args.quick else None
-            results["benchmarks"][name] = module.run(args.quick, args.jobs, path, deadline_s=args.deadline)
+            extra = (
+                {"variants": args.balance_variants.split(",")} if name == "balance" and args.balance_variants else {}
+            )
+            results["benchmarks"][name] = module.run(args.quick, args.jobs, path, deadline_s=args.deadline, **extra)
         elif name == "conversion":
             results["benchmarks"][name] = run_conversion(args.quick)
         elif name == "serving":

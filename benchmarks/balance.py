@@ -302,8 +302,9 @@ def grid_jobs(quick: bool = False, variants: list[str] | None = None) -> list[di
     return [{**job, "quick": quick} for job in grid]
 
 
-def seed_jobs(runs: list[dict], quick: bool = False) -> list[dict]:
-    """The remaining seeds of every variant whose grid is complete in `runs`, at its best rate."""
+def seed_jobs(runs: list[dict], quick: bool = False, variants: list[str] | None = None) -> list[dict]:
+    """The remaining seeds of every variant (of `variants`, default all) whose grid is complete in `runs`, at its
+    best rate."""
     s = settings(quick)
     best = best_lrs(runs, s)
     return [
@@ -311,6 +312,7 @@ def seed_jobs(runs: list[dict], quick: bool = False) -> list[dict]:
         for seed in s["seeds"]
         if seed not in s["grid_seeds"]
         for v, lr in best.items()
+        if variants is None or v in variants
     ]
 
 
@@ -520,18 +522,23 @@ def describe(job: dict, result: dict) -> str:
 
 
 def run(
-    quick: bool = False, workers: int = 1, results_path: Path | None = None, deadline_s: float | None = None, log=_log
+    quick: bool = False,
+    workers: int = 1,
+    results_path: Path | None = None,
+    deadline_s: float | None = None,
+    log=_log,
+    variants: list[str] | None = None,
 ) -> dict:
     """The study, resumable: the grid, then the remaining seeds at each variant's best rate (none started after
-    `deadline_s`); returns the tables."""
+    `deadline_s`), for `variants` (default all); returns the tables of everything in the results file."""
     from .runs import load_results, run_jobs
 
     path = results_path or RESULTS / "balance_runs.jsonl"
     start = time.monotonic()
-    run_jobs(grid_jobs(quick), train_run, path, workers, log=log, describe=describe, deadline_s=deadline_s)
+    run_jobs(grid_jobs(quick, variants), train_run, path, workers, log=log, describe=describe, deadline_s=deadline_s)
     grid = [r["result"] for r in load_results(path)]
     left = None if deadline_s is None else max(0.0, deadline_s - (time.monotonic() - start))
-    run_jobs(seed_jobs(grid, quick), train_run, path, workers, log=log, describe=describe, deadline_s=left)
+    run_jobs(seed_jobs(grid, quick, variants), train_run, path, workers, log=log, describe=describe, deadline_s=left)
     runs = [r["result"] for r in load_results(path)]
     return {"results_file": str(path), "runs": len(runs), "tables": render(runs, quick)}
 

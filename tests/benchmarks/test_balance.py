@@ -191,6 +191,23 @@ def test_quick_balance_and_finetune(tmp_path):
         assert all(layer["load_max_over_mean"] >= 1 and 0 <= layer["load_entropy"] <= 1 for layer in layers)
 
 
+def test_balance_variants_choose_the_rows_that_run(tmp_path, capsys):
+    """`--balance-variants topk,centred` runs those variants' grid and seeds only; an unknown name stops at once,
+    naming the accepted ones."""
+    from benchmarks.__main__ import main
+    from benchmarks.runs import load_results
+
+    out = tmp_path / "results.json"
+    with pytest.raises(SystemExit):
+        main(["--only", "balance", "--balance-variants", "topk,centered", "--out", str(out)])
+    assert "--balance-variants: unknown ['centered']; choose from topk, default, centred" in capsys.readouterr().err
+    main(["--quick", "--only", "balance", "--balance-variants", "topk,centred", "--out", str(out)])
+    s = balance.settings(True)
+    per_variant = len(s["lr_grid"]) * len(s["grid_seeds"]) + len(set(s["seeds"]) - set(s["grid_seeds"]))
+    variants = [r["key"]["variant"] for r in load_results(tmp_path / "results.balance.jsonl")]
+    assert sorted(variants) == sorted(["topk", "centred"] * per_variant)
+
+
 def test_stale_defaults_decay():
     """With `decay_stale_defaults`, an expert that gets no token in a training forward has D <- beta D; the others
     follow the paper's EMA (the loop reference), as the forward uses them (before use)."""
