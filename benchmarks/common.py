@@ -257,6 +257,25 @@ def ratio_of_medians(times: dict[str, list[float]], a: str, b: str) -> float:
     return median(times[a]) / median(times[b])
 
 
+@functools.cache
+def code_version() -> str:
+    """A short hash of what decides a training run's numbers: the model's two files, the benchmarks' training code
+    and the torch and transformers versions. A resumable study keys runs by their settings only, so a results file
+    can outlive the code that wrote it; reports compare this field to tell when it holds more than one version."""
+    import hashlib
+    from pathlib import Path
+
+    import default_moe
+
+    here, package = Path(__file__).resolve().parent, Path(default_moe.__file__).resolve().parent
+    files = [package / "modeling_default_moe.py", package / "configuration_default_moe.py"]
+    files += [here / name for name in ("common.py", "method.py", "quality.py", "fidelity.py")]
+    digest = hashlib.sha256(f"{torch.__version__} {transformers.__version__}".encode())
+    for path in files:
+        digest.update(path.read_bytes())
+    return digest.hexdigest()[:12]
+
+
 def machine_info(device: str = "cpu") -> dict:
     info = {
         "python": platform.python_version(),

@@ -30,10 +30,11 @@ import math
 import statistics
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 from . import method
-from .common import byte_corpus
+from .common import byte_corpus, code_version
 from .runs import canonical, load_results, run_jobs
 
 RESULTS = {"cpu": "benchmarks/results/study.jsonl", "gpu": "benchmarks/results/study_gpu.jsonl"}
@@ -171,9 +172,9 @@ def plan(kind: str) -> dict:
             ),
             tuned("scale", xs, arms, fair, factors, [0], seeds),
             tuned("scale", m, arms, fair, factors, [0], seeds),
+            tuned("scale", large, arms, m, factors, [0], seeds),
             at_best_of("scale", _cell("xs", 3_276_800, 1024), arms, xs, seeds),
             at_best_of("scale", _cell("s", 3_276_800, 1024), arms, fair, seeds),
-            tuned("scale", large, arms, m, factors, [0], seeds),
             at_best_of("scale", _cell("m", 1_638_400, 1024), arms, m, seeds),
             at_best_of("batch", _cell("s", 1_638_400, 1024), arms, fair, seeds),
             tuned("batch", _cell("s", 1_638_400, 8192), arms, fair, [2.0, 1.0, 4.0], [0], seeds),
@@ -200,6 +201,8 @@ class Results:
 
     def __init__(self, records: list[dict]):
         self.runs: dict = {}
+        # runs per code version (None: written before runs recorded it); pairs across versions are not exact
+        self.code_versions = dict(Counter(record["result"].get("code") for record in records))
         for record in records:
             key = record["key"]
             by_lr = self.runs.setdefault(cell_key(key), {}).setdefault(key["variant"], {})
@@ -398,9 +401,10 @@ def train(p: dict, job: dict) -> dict:
         bf16=p.get("bf16", False),
     )
     steps = job["tokens"] // job["tokens_per_step"]
-    return method.train_run(
+    result = method.train_run(
         dict(s=s, shape=job["shape"], variant=job["variant"], seed=job["seed"], lr=job["lr"], steps=steps)
     )
+    return {**result, "code": code_version()}
 
 
 def _describe(job: dict, result: dict) -> str:

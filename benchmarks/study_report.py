@@ -304,7 +304,8 @@ def plot(points: list[dict], batch: list[dict], trend: dict | None, path: str | 
     left.set_xscale("log")
     left.set_xlabel("training compute, FLOPs (6 x active parameters x tokens)")
     left.set_ylabel("Default minus top-K, validation nats/byte\n(each at its own best LR; < 0: Default better)")
-    left.set_title("Gap vs compute (8 experts, top-1, 1,024 tokens/step), 95% intervals")
+    per_step = ", ".join(f"{t:,}" for t in sorted({q["cell"]["tokens_per_step"] for q in points}))
+    left.set_title(f"Gap vs compute (8 experts, top-1, {per_step} tokens/step), 95% intervals")
     handles, labels = left.get_legend_handles_labels()
     unique = dict(zip(labels, handles, strict=True))
     left.legend(unique.values(), unique.keys(), fontsize=8)
@@ -336,6 +337,13 @@ def render(results_path: str | Path, kind: str = "cpu", plot_path: str | Path | 
 def render_parts(p: dict, results: study.Results, plot_path: str | Path | None = None) -> str:
     """Progress, then every table of the plan `p` (and the plot, if `plot_path`)."""
     out = ["Progress:\n", progress(p, results)]
+    if len(results.code_versions) > 1:
+        versions = ", ".join(f"{code or 'unrecorded'}: {n}" for code, n in results.code_versions.items())
+        out.append(
+            f"\n**The results file mixes code versions** (runs per version: {versions}; `benchmarks.common."
+            "code_version`): a pair of runs from two versions differs by their numerics too. Rerun the older runs "
+            "(remove their lines) before reading a gap.\n"
+        )
     fair = next((point for point in p["study"] if point["how"] == "fair"), None)
     if fair:
         out.append(

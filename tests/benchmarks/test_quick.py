@@ -376,11 +376,32 @@ def test_report_on_partial_results(tmp_path):
     assert "| default | not yet run | +0.0500 (n=1, 0 better) |" in text  # one seed: no interval
     assert "Too few scaling points have run" in text
     assert (tmp_path / "gap.png").stat().st_size > 1000
+    assert "mixes code versions" not in text
+
+
+def test_report_flags_results_of_two_code_versions(tmp_path):
+    """Runs are keyed by their settings, so a file can outlive its code: the report says when the runs come from
+    more than one code version (`benchmarks.common.code_version`), and how many from each."""
+    from benchmarks.common import code_version
+
+    from benchmarks import study, study_report
+
+    fair = study.plan("cpu")["study"][0]
+    records = [_record(fair["cell"], v, 2e-3, 0, {**_fake(1.8), "code": code_version()}) for v in fair["variants"]]
+    path = tmp_path / "study.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    assert "mixes code versions" not in study_report.render(path, "cpu")
+    del records[0]["result"]["code"]
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    text = study_report.render(path, "cpu")
+    assert f"(runs per version: unrecorded: 1, {code_version()}: 2;" in text
 
 
 def test_quick_study_runs_resumes_and_renders(tmp_path, one_thread):
     """`--only study --quick`: every point of the plan runs (grids, chosen rates, seeds, 32 experts with a shared
     expert), a rerun runs nothing, and the report has every table."""
+    from benchmarks.common import code_version
+
     from benchmarks import study, study_report
 
     path = tmp_path / "study.jsonl"
@@ -390,6 +411,7 @@ def test_quick_study_runs_resumes_and_renders(tmp_path, one_thread):
     assert 0 < len(records) <= planned
     assert {r["key"]["part"] for r in records} == {"fair", "scale", "batch", "fine"}
     assert all(math.isfinite(r["result"]["final_val"]) for r in records)
+    assert {r["result"]["code"] for r in records} == {code_version()}
     study.run("quick", str(path), log=lambda m: None)
     assert len(path.read_text().splitlines()) == len(records)
     text = study_report.render(path, "quick", tmp_path / "gap.png")
