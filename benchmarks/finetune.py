@@ -1,7 +1,9 @@
 """Fine-tuning a converted top-K MoE on a new domain (issue 19, item 4): Default forms against top-K.
 
 Stand-in for a released MoE: a top-K model (routing="topk") pre-trained here on the byte-level Python corpus (the
-method benchmark's recipe and data), once per size, cached under outputs/finetune/ (ignored by git). Conversion to
+method benchmark's recipe and data), once per size, cached under outputs/finetune/ (ignored by git; every run records
+the weights' fingerprint and is keyed by it, so runs from another session's re-trained weights are never mixed or
+paired with these). Conversion to
 Default MoE is a change of `routing` on the same weights (what `default-moe convert` writes for our own layout) with
 the defaults warmed by calibration (`default_moe.conversion.calibrate.warm_defaults`, the converter's
 `--calibration-data` step) on a few batches of the fine-tuning text; the top-K arm keeps routing="topk". Each arm then
@@ -10,8 +12,8 @@ installation: offline and deterministic for a Python version; the pre-training c
 topic. Recorded: prose validation loss before fine-tuning (what conversion and warmed defaults change) and at points
 over it, and the Python validation loss at the end (what the model forgot).
 
-Arms: top-K, the paper's form (defaults in the forward), gradient-only defaults; each over a learning-rate grid on two
-seeds, then more seeds at its best rate, paired by seed (same calibration and batches for every arm of a seed).
+Arms: top-K, the paper's form (defaults in the forward), gradient-only defaults; each over a learning-rate grid on one
+seed, then more seeds at its best rate, paired by seed (same calibration and batches for every arm of a seed).
 """
 
 from __future__ import annotations
