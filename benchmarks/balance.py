@@ -435,20 +435,22 @@ def render(runs: list[dict], quick: bool = False) -> str:
         "mean probability on them (their defaults, frozen since they last got tokens, are in every token's output "
         "with that weight), `train-val` = training loss (mean over the last 50 steps) minus validation loss.\n",
     ]
-    rows = []
-    for v in variants:
-        at = [r for r in runs if r["variant"] == v and r["lr"] == first_lr]
-        if not at:
-            continue
-        rows.append(
-            [v, len(at), _per_layer(at, "load_max_over_mean"), _per_layer(at, "load_entropy"),
-             _per_layer(at, "unselected_mass"), _per_layer(at, "ema_norm_mean"), _per_layer(at, "ema_common_ratio"),
-             _cos_mean(at), _per_layer(at, "default_over_routed"), _per_layer(at, "default_over_output"),
-             _per_layer(at, "common_term_over_default"), *_dead(at), _gap(at)]
-        )  # fmt: skip
     header = ["variant", "seeds", "load", "H", "unsel.", "norm D", "common", "cos", "term/routed", "term/out"]
     header += ["common/term", "dead", "p dead", "train-val"]
-    out += [f"\nAt LR {first_lr:g}:\n\n", _table(header, rows)]
+    for lr in sorted({r["lr"] for r in runs}):
+        rows = []
+        for v in variants:
+            at = [r for r in runs if r["variant"] == v and r["lr"] == lr]
+            if not at:
+                continue
+            rows.append(
+                [v, len(at), _per_layer(at, "load_max_over_mean"), _per_layer(at, "load_entropy"),
+                 _per_layer(at, "unselected_mass"), _per_layer(at, "ema_norm_mean"),
+                 _per_layer(at, "ema_common_ratio"), _cos_mean(at), _per_layer(at, "default_over_routed"),
+                 _per_layer(at, "default_over_output"), _per_layer(at, "common_term_over_default"), *_dead(at),
+                 _gap(at)]
+            )  # fmt: skip
+        out += [f"\nAt LR {lr:g}:\n\n", _table(header, rows)]
 
     over = [v for v in ("topk", "default", "centred", "after_use") if v in variants]
     seed0 = {v: next((r for r in runs if r["variant"] == v and r["lr"] == first_lr), None) for v in over}
