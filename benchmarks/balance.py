@@ -406,11 +406,13 @@ def grid_done(runs: list[dict], s: dict) -> bool:
     return all((lr, seed) in cells for lr in s["lr_grid"] for seed in s["grid_seeds"])
 
 
-def own_best(runs: list[dict]) -> float | None:
-    """The rate with the lowest mean final loss among `runs` (one variant's, so far), or None."""
+def own_best(runs: list[dict], s: dict) -> float | None:
+    """The grid rate with the lowest mean final loss over the grid's seeds among `runs` (one variant's, so far), or
+    None. The seeds run later at the chosen rate do not count: a mean over more seeds is not comparable."""
     by_lr: dict = {}
     for r in runs:
-        by_lr.setdefault(r["lr"], []).append(r["final_val"])
+        if r["lr"] in s["lr_grid"] and r["seed"] in s["grid_seeds"]:
+            by_lr.setdefault(r["lr"], []).append(r["final_val"])
     return min(by_lr, key=lambda lr: statistics.fmean(by_lr[lr])) if by_lr else None
 
 
@@ -479,7 +481,7 @@ def render(runs: list[dict], quick: bool = False) -> str:
             _table(["step", *seed0], rows),
         ]
 
-    topk_best = own_best([r for r in runs if r["variant"] == "topk" and r["lr"] in s["lr_grid"]])
+    topk_best = own_best([r for r in runs if r["variant"] == "topk"], s)
     rows = []
     for v in variants:
         mine = [r for r in runs if r["variant"] == v]
@@ -487,7 +489,7 @@ def render(runs: list[dict], quick: bool = False) -> str:
         for lr in s["lr_grid"]:
             cell = [r["final_val"] for r in mine if r["lr"] == lr]
             per_lr.append(f"{_mean(cell):.4f} ({len(cell)})" if cell else "-")
-        best = own_best([r for r in mine if r["lr"] in s["lr_grid"]])
+        best = own_best(mine, s)
         at_best = {r["seed"]: r for r in mine if r["lr"] == best}
         topk = {r["seed"]: r for r in runs if r["variant"] == "topk" and r["lr"] == topk_best}
         # best against best only once both grids are whole: a partial grid's "best" is not one

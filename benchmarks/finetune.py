@@ -273,7 +273,7 @@ def render(runs: list[dict], quick: bool = False) -> str:
             _table(["arm", *(f"LR {lr:g}" for lr in s["lr_grid"])], rows),
         ]
 
-        best = {arm: own_best([r for r in mine if r["arm"] == arm]) for arm in ARMS}
+        best = {arm: own_best([r for r in mine if r["arm"] == arm], s) for arm in ARMS}
         whole = {arm: grid_done([r for r in mine if r["arm"] == arm], s) for arm in ARMS}
         topk = {r["seed"]: r for r in mine if r["arm"] == "topk" and r["lr"] == best["topk"]}
         rows = []
