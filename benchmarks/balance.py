@@ -316,18 +316,12 @@ def seed_jobs(runs: list[dict], quick: bool = False, variants: list[str] | None 
     ]
 
 
-def best_lrs(runs: list[dict], s: dict) -> dict[str, float]:
-    """Per variant with every grid cell run: the rate with the lowest mean final validation loss over grid seeds."""
-    cells: dict = {}
+def best_lrs(runs: list[dict], s: dict, group=lambda r: r["variant"]) -> dict:
+    """Per group of runs (a variant, by default) whose grid is whole: its best rate (`own_best`)."""
+    groups: dict = {}
     for r in runs:
-        if r["seed"] in s["grid_seeds"] and r["lr"] in s["lr_grid"]:
-            cells.setdefault(r["variant"], {}).setdefault(r["lr"], []).append(r["final_val"])
-    full = len(s["grid_seeds"])
-    return {
-        v: min(by_lr, key=lambda lr: statistics.fmean(by_lr[lr]))
-        for v, by_lr in cells.items()
-        if len(by_lr) == len(s["lr_grid"]) and all(len(x) == full for x in by_lr.values())
-    }
+        groups.setdefault(group(r), []).append(r)
+    return {key: own_best(mine, s) for key, mine in groups.items() if grid_done(mine, s)}
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -22,7 +22,6 @@ import fcntl
 import hashlib
 import math
 import os
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -220,15 +219,10 @@ def current(runs: list[dict]) -> list[dict]:
 
 
 def best_lrs(runs: list[dict], s: dict) -> dict[tuple[str, str], float]:
-    cells: dict = {}
-    for r in runs:
-        if r["seed"] in s["grid_seeds"] and r["lr"] in s["lr_grid"]:
-            cells.setdefault((r["size"], r["arm"]), {}).setdefault(r["lr"], []).append(r["final_val"])
-    return {
-        key: min(by_lr, key=lambda lr: statistics.fmean(by_lr[lr]))
-        for key, by_lr in cells.items()
-        if len(by_lr) == len(s["lr_grid"]) and all(len(x) == len(s["grid_seeds"]) for x in by_lr.values())
-    }
+    """Per (size, arm) whose grid is whole: its best rate, by the load-balance study's rule."""
+    from .balance import best_lrs as best_per_group
+
+    return best_per_group(runs, s, group=lambda r: (r["size"], r["arm"]))
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -18,7 +18,7 @@ import os
 from pathlib import Path
 
 from .data import DataError, check_seq_len, load_tokenizer
-from .trainer import PRESETS, check_output_dir, default_lr, parse_overrides
+from .trainer import MEASURED_LR, PRESETS, UNMEASURED_LR, check_output_dir, default_lr, parse_overrides
 
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
@@ -58,7 +58,8 @@ def add_trainer_arguments(parser: argparse.ArgumentParser, output_required: bool
     group.add_argument(
         "--lr",
         type=float,
-        help="peak learning rate (default: 2e-3 for a fresh tiny-preset model, measured in BENCHMARKS.md; else 6e-4)",
+        help=f"peak learning rate (default: {MEASURED_LR['tiny']:g} for a fresh tiny-preset model, measured in "
+        f"BENCHMARKS.md; else {UNMEASURED_LR:g})",
     )
     group.add_argument("--lr-scheduler", default="cosine", help="transformers scheduler type (default cosine)")
     group.add_argument("--warmup-steps", type=float, default=0.05, help="warmup steps, or a ratio if < 1")
