@@ -61,6 +61,8 @@ EVAL_OVERHEAD = 1.1  # validation points, router-gradient cosines, expert load
 # A run is stable if it did not diverge and its training loss (50 window means), relative to the median run of its
 # cell and seed (same batches: their difficulty cancels), has no bump higher than this (nats) within 3 windows.
 SPIKE_LIMIT = 0.1
+# A tuned grid whose best rate is its highest (lowest) gets one more rate above (below), at most this many times.
+MAX_EXTEND = 2
 
 
 def _cell(size: str, tokens: int, tokens_per_step: int, shape: str = "8e-top1") -> dict:
@@ -314,8 +316,22 @@ def grid_rates(point: dict, study: list[dict], results: Results, dry: bool) -> d
             centre = centre.get("best")
             if centre is None:
                 return None
-        out[arm] = [_rate(centre * f) for f in point["factors"]]
+        out[arm] = _extend(point, arm, [_rate(centre * f) for f in point["factors"]], results)
     return out
+
+
+def _extend(point: dict, arm: str, rates: list[float], results: Results) -> list[float]:
+    """An arm's grid, widened by one step past whichever edge its best rate sits on (the step: the grid's spacing
+    there), at most `MAX_EXTEND` times, so that a tuned arm's best rate is one with a worse rate on each side."""
+    for _ in range(MAX_EXTEND):
+        best = results.best_lr(point["cell"], arm, rates, point["grid_seeds"])
+        ordered = sorted(rates)
+        if best is None or len(ordered) < 2 or ordered[0] < best < ordered[-1]:
+            break
+        rates = rates + [
+            _rate(best * ordered[-1] / ordered[-2] if best == ordered[-1] else best * ordered[0] / ordered[1])
+        ]
+    return rates
 
 
 def _arms(point: dict) -> list[str]:
@@ -348,17 +364,24 @@ def stages(p: dict, results_now, dry: bool = False):
     for point in study:
         cell, part = point["cell"], point["part"]
         name = f"{part} {cell['size']} {cell['shape']} {cell['tokens']:,} tokens {cell['tokens_per_step']}/step"
-        if point["how"] != "at":
+        yielded = None
+        while point["how"] != "at":  # the grid, then once more for each edge it was widened past
             grids = grid_rates(point, study, results_now(), dry)
+            if yielded is not None and grids == yielded:
+                break
             jobs = None
             if grids is not None:  # seed by seed, rate by rate (in the plan's order: the likeliest best first)
                 jobs = [
                     _job(part, cell, arm, grids[arm][i], seed)
                     for seed in point["grid_seeds"]
-                    for i in range(len(grids[_arms(point)[0]]))
+                    for i in range(max(map(len, grids.values())))
                     for arm in _arms(point)
+                    if i < len(grids[arm])
                 ]
-            yield f"{name}: grid", point, jobs
+            yield f"{name}: grid" + (", widened past its edge" if yielded else ""), point, jobs
+            if grids is None:
+                break
+            yielded = grids
         rates = chosen_rates(point, study, results_now(), dry)
         if point["how"] == "fair":
             wanted = {arm: [r["best"], r["stable"]] for arm, r in rates.items()}
@@ -419,8 +442,8 @@ def _log(msg: str) -> None:
 
 
 def estimate(p: dict) -> list[dict]:
-    """Per point of the plan: runs (an upper bound where best and largest stable rates may coincide) and estimated
-    core-hours."""
+    """Per point of the plan: runs (an upper bound where best and largest stable rates may coincide, before any grid
+    is widened past an edge: at most `MAX_EXTEND` more runs per arm and grid seed) and estimated core-hours."""
     out, seen = [], set()
     for name, point, jobs in stages(p, lambda: Results([]), dry=True):
         jobs = [job for job in jobs if canonical(job) not in seen]  # a grid run reused at the chosen rate

@@ -16,7 +16,7 @@ import statistics
 from pathlib import Path
 
 from . import study
-from .method import paired
+from .method import T_975, paired
 from .runs import load_results
 
 NOT_RUN = "not yet run"
@@ -64,8 +64,23 @@ def _cell_name(cell: dict) -> str:
     return f"{cell['size']} {cell['shape']}, {cell['tokens']:,} tokens, {cell['tokens_per_step']:,}/step"
 
 
+def _grid(p: dict, point: dict, results: study.Results, arm: str) -> list[float]:
+    """The rates an arm's best was chosen from at a point (an "at" point: its source's grid)."""
+    if point["how"] == "at":
+        point = study.point_of(p["study"], point["source"])
+    grids = study.grid_rates(point, p["study"], results, dry=False) or {}
+    return grids.get(arm if arm in grids else "default", [])
+
+
+def _rate_mark(lr: float | None, grid: list[float]) -> str:
+    """A chosen rate, with ↑ (↓) where it is its grid's highest (lowest): the best may lie beyond the grid."""
+    if lr is None:
+        return "?"
+    return f"{lr:g}" + ("↑" if lr == max(grid) else "↓" if lr == min(grid) else "") if grid else f"{lr:g}"
+
+
 def progress(p: dict, results: study.Results) -> str:
-    """Runs finished per point of the plan (planned: the upper bound of `study.estimate`)."""
+    """Runs finished per point of the plan (planned: `study.estimate`'s, before any grid is widened)."""
     finished = {
         study.cell_key(point["cell"]): sum(
             len(seeds)
@@ -78,7 +93,7 @@ def progress(p: dict, results: study.Results) -> str:
         [row["name"], finished[study.cell_key(row["point"]["cell"])], row["runs"], f"{row['core_hours']:.2f}"]
         for row in study.estimate(p)
     ]
-    return _table(["point", "runs finished", "runs planned (at most)", "estimated core-hours"], rows)
+    return _table(["point", "runs finished", "runs planned (before widening)", "estimated core-hours"], rows)
 
 
 def lr_table(p: dict, point: dict, results: study.Results) -> str:
@@ -163,7 +178,9 @@ def gap_points(p: dict, results: study.Results, parts=("fair", "scale", "gpu")) 
                 point=point,
                 cell=cell,
                 gap=d,
-                rates=(chosen["topk"]["best"], chosen["default"]["best"]),
+                rates=tuple(
+                    _rate_mark(chosen[arm]["best"], _grid(p, point, results, arm)) for arm in ("topk", "default")
+                ),
                 params=next(iter(runs.values()))["params"] if runs else None,
                 compute=6 * active * cell["tokens"] if active else None,
             )
@@ -172,7 +189,8 @@ def gap_points(p: dict, results: study.Results, parts=("fair", "scale", "gpu")) 
 
 
 def fit_trend(points: list[dict]) -> dict | None:
-    """Least squares of the mean gap on log10(compute) over the points with a gap; None with fewer than 3."""
+    """Least squares of the mean gap on log10(compute) over the points with a gap, with a 95% t interval on the
+    slope (n - 2 degrees of freedom); None with fewer than 3 points."""
     xy = [(math.log10(q["compute"]), q["gap"]["mean"]) for q in points if q["gap"] and q["compute"]]
     if len(xy) < 3:
         return None
@@ -180,9 +198,12 @@ def fit_trend(points: list[dict]) -> dict | None:
     sxx = sum((x - mx) ** 2 for x, _ in xy)
     slope = sum((x - mx) * (y - my) for x, y in xy) / sxx
     intercept = my - slope * mx
+    residual = sum((y - intercept - slope * x) ** 2 for x, y in xy)
+    half = T_975.get(len(xy) - 2, 1.96) * math.sqrt(residual / (len(xy) - 2) / sxx)
     crossing = 10 ** (-intercept / slope) if slope else None
     return dict(
         slope=slope,
+        slope_ci95=[slope - half, slope + half],
         intercept=intercept,
         crossing=crossing,
         n=len(xy),
@@ -196,9 +217,11 @@ def trend_sentence(trend: dict | None) -> str:
         return "Too few scaling points have run to fit a trend (3 needed)."
     span = f"measured from {10 ** trend['lo']:.1e} to {10 ** trend['hi']:.1e} FLOPs"
     direction = "shrinks" if trend["slope"] < 0 else "grows"
+    lo, hi = trend["slope_ci95"]
+    sure = "excludes" if lo > 0 or hi < 0 else "includes"
     text = (
         f"Fitted over {trend['n']} points ({span}): the gap (Default minus top-K, nats/byte) changes by "
-        f"{trend['slope']:+.4f} per tenfold compute"
+        f"{trend['slope']:+.4f} per tenfold compute (95% interval [{lo:+.4f}, {hi:+.4f}], which {sure} zero)"
     )
     if trend["crossing"] is None:
         return text + ", flat: no crossing."
@@ -228,12 +251,35 @@ def scaling_table(points: list[dict]) -> str:
                 f"{cell['tokens']:,}",
                 f"{cell['tokens_per_step']:,}",
                 f"{q['compute']:.2e}" if q["compute"] else "?",
-                " / ".join("?" if lr is None else f"{lr:g}" for lr in q["rates"]),
+                " / ".join(q["rates"]),
                 _gap_cell(q["gap"]),
             ]
         )
     header = ["size", "params", "tokens", "tokens/step", "compute (6·active·tokens)", "LR top-K / Default"]
     return _table([*header, "Default minus top-K"], rows)
+
+
+def grids_table(p: dict, parts: tuple[str, ...], results: study.Results) -> str:
+    """Each arm's grid at every tuned point of these parts: final validation loss per rate (mean over the grid's
+    seeds), the best in bold, ✗ where a run was unstable."""
+    rows = []
+    for point in p["study"]:
+        if point["part"] not in parts or point["how"] != "tuned":
+            continue
+        chosen = study.chosen_rates(point, p["study"], results)
+        for arm in point["arms"]:
+            cells = []
+            for lr in sorted(_grid(p, point, results, arm)):
+                runs = [results.get(point["cell"], arm, lr, seed) for seed in point["grid_seeds"]]
+                done = [(seed, r) for seed, r in zip(point["grid_seeds"], runs, strict=True) if r]
+                if not done:
+                    cells.append(f"{lr:g}: -")
+                    continue
+                text = f"{lr:g}: {_mean([r['final_val'] for _, r in done]):.4f}"
+                text += "" if all(results.is_stable(point["cell"], seed, r) for seed, r in done) else " ✗"
+                cells.append(f"**{text}**" if chosen[arm]["best"] == lr else text)
+            rows.append([_cell_name(point["cell"]), arm, " · ".join(cells) if cells else NOT_RUN])
+    return _table(["point", "arm", "rate: final validation loss (grid seeds; best in bold)"], rows)
 
 
 def arms_table(p: dict, part: str, results: study.Results) -> str:
@@ -251,7 +297,7 @@ def arms_table(p: dict, part: str, results: study.Results) -> str:
                 [
                     _cell_name(point["cell"]),
                     arm,
-                    "?" if lr is None else f"{lr:g}",
+                    _rate_mark(lr, _grid(p, point, results, arm)),
                     f"{_mean([r['final_val'] for r in runs.values()]):.4f} ({len(runs)})" if runs else NOT_RUN,
                     "-" if arm == "topk" else _gap_cell(d),
                     _load(runs),
@@ -260,7 +306,7 @@ def arms_table(p: dict, part: str, results: study.Results) -> str:
     return _table(["point", "arm", "best LR", "val (seeds)", "minus top-K", "load max/mean"], rows)
 
 
-def plot(points: list[dict], batch: list[dict], trend: dict | None, path: str | Path) -> None:
+def plot(points: list[dict], batch: list[dict], trend: dict | None, path: str | Path, gpu: list[dict] = ()) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -291,6 +337,20 @@ def plot(points: list[dict], batch: list[dict], trend: dict | None, path: str | 
             xytext=(4, 4),
             textcoords="offset points",
         )
+    for q in gpu:
+        if q["gap"] and q["compute"]:
+            g = q["gap"]
+            err = None if not g["ci95"] else [[g["mean"] - g["ci95"][0]], [g["ci95"][1] - g["mean"]]]
+            left.errorbar(
+                q["compute"],
+                g["mean"],
+                yerr=err,
+                fmt="D",
+                mfc="none",
+                capsize=3,
+                color="C3",
+                label=f"GPU {q['cell']['size']} ({q['params'] / 1e6:.0f}M, 8 layers, not in the fit)",
+            )
     if trend:
         xs = [trend["lo"] - 0.2, trend["hi"] + 0.5]
         left.plot(
@@ -326,16 +386,23 @@ def plot(points: list[dict], batch: list[dict], trend: dict | None, path: str | 
     plt.close(fig)
 
 
-def render(results_path: str | Path, kind: str = "cpu", plot_path: str | Path | None = None) -> str:
-    """The report of a results file under the plan `kind`."""
+def render(
+    results_path: str | Path, kind: str = "cpu", plot_path: str | Path | None = None, gpu_path: str | Path | None = None
+) -> str:
+    """The report of a results file under the plan `kind`; `gpu_path`: a GPU plan's results, shown beside the CPU
+    points (their own protocol: 8 layers, bf16, sequence 512), not fitted with them."""
     records = load_results(results_path)
+    gpu = []
+    if gpu_path and Path(gpu_path).exists():
+        gpu = gap_points(study.plan("gpu"), study.Results(load_results(gpu_path)))
     return f"Results: `{results_path}` ({len(records)} runs).\n\n" + render_parts(
-        study.plan(kind), study.Results(records), plot_path
+        study.plan(kind), study.Results(records), plot_path, gpu
     )
 
 
-def render_parts(p: dict, results: study.Results, plot_path: str | Path | None = None) -> str:
-    """Progress, then every table of the plan `p` (and the plot, if `plot_path`)."""
+def render_parts(p: dict, results: study.Results, plot_path: str | Path | None = None, gpu: list[dict] = ()) -> str:
+    """Progress, then every table of the plan `p` (and the plot, if `plot_path`); `gpu`: `gap_points` of a GPU
+    plan, tabled and plotted beside the trend, not fitted."""
     out = ["Progress:\n", progress(p, results)]
     if len(results.code_versions) > 1:
         versions = ", ".join(f"{code or 'unrecorded'}: {n}" for code, n in results.code_versions.items())
@@ -364,10 +431,17 @@ def render_parts(p: dict, results: study.Results, plot_path: str | Path | None =
     trend = fit_trend(points)
     out.append(
         "\n#### The trend with scale\n\nThe paper's form minus top-K, each at its own best rate (a size's second "
-        "budget uses its first budget's rates), paired seeds:\n"
+        "budget uses its first budget's rates; ↑/↓: the best is the grid's highest/lowest rate, so it may lie beyond "
+        "it), paired seeds:\n"
     )
     out.append(scaling_table(points))
     out.append("\n" + trend_sentence(trend) + "\n")
+    if any(q["gap"] for q in gpu):
+        out.append("\nThe GPU plan's points (8 layers, bf16, sequence 512; shown on the plot, not fitted):\n")
+        out.append(scaling_table([q for q in gpu if q["gap"]]))
+    if any(point["how"] == "tuned" for point in p["study"]):
+        out.append("\nEach arm's grid at the scaling, batch and 32-expert points (one seed per rate):\n")
+        out.append(grids_table(p, ("scale", "batch", "fine"), results))
     batch = gap_points(p, results, parts=("batch",))
     if batch:
         out.append("\n#### Tokens per step (equal total tokens)\n")
@@ -376,7 +450,7 @@ def render_parts(p: dict, results: study.Results, plot_path: str | Path | None =
         out.append("\n#### 32 experts and a shared expert (the paper's beta per configuration)\n")
         out.append(arms_table(p, "fine", results))
     if plot_path:
-        plot(points, batch, trend, plot_path)
+        plot(points, batch, trend, plot_path, gpu)
         out.append(f"\n![gap vs compute]({Path(plot_path).name})\n")
     return "\n".join(out)
 
@@ -386,10 +460,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("results", nargs="?", help="JSON-lines results (default: the plan's file)")
     parser.add_argument("--kind", choices=("cpu", "gpu", "quick"), default="cpu")
     parser.add_argument("--plot", help="PNG path (default: next to the results, *_gap.png)")
+    parser.add_argument(
+        "--gpu",
+        default=study.RESULTS["gpu"],
+        help="a GPU plan's results to show beside the CPU trend, not fitted (default: %(default)s, if it exists; "
+        "'' for none)",
+    )
     args = parser.parse_args(argv)
     path = Path(args.results or study.RESULTS["gpu" if args.kind == "gpu" else "cpu"])
     plot_path = args.plot or path.with_name(path.stem + "_gap.png")
-    print(render(path, args.kind, plot_path))
+    print(render(path, args.kind, plot_path, args.gpu if args.kind == "cpu" and args.gpu else None))
 
 
 if __name__ == "__main__":

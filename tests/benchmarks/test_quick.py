@@ -357,6 +357,95 @@ def test_trend_fit_and_crossing():
     assert "Too few" in study_report.trend_sentence(study_report.fit_trend(points[:2]))
 
 
+def test_trend_slope_interval_against_numpy():
+    """The slope's 95% interval is t(n - 2) times its standard error, as numpy's weighted-free polyfit gives it."""
+    import numpy as np
+
+    from benchmarks import study_report
+
+    x, y = [12.0, 12.5, 13.4, 14.0], [0.10, 0.06, 0.05, -0.01]
+    trend = study_report.fit_trend([{"compute": 10**c, "gap": {"mean": g}} for c, g in zip(x, y, strict=True)])
+    (slope, _), cov = np.polyfit(x, y, 1, cov=True)
+    half = 4.303 * math.sqrt(cov[0, 0])  # t(2)
+    assert trend["slope"] == pytest.approx(slope)
+    assert trend["slope_ci95"] == pytest.approx([slope - half, slope + half])
+    sentence = study_report.trend_sentence(trend)
+    assert f"[{slope - half:+.4f}, {slope + half:+.4f}], which includes zero" in sentence  # 4 points: wide
+
+
+def test_a_grid_widens_past_the_edge_its_best_rate_sits_on():
+    """A tuned point's arm whose best rate is its grid's highest gets the next rate up (and lowest: down), one step
+    of the grid's spacing at a time, at most `MAX_EXTEND` times; an arm with its best inside keeps its grid. The
+    runner asks for the widened grid's runs before the seeds at the best rate."""
+    from benchmarks import study
+
+    p = study.plan("cpu")
+    fair, xs = p["study"][0], p["study"][1]
+    records = [
+        _record(fair["cell"], v, lr, seed, _fake(1.8 - (lr == 4e-3) * 0.1))
+        for v in fair["variants"]
+        for lr in fair["lrs"]
+        for seed in fair["grid_seeds"]
+    ]
+    grid = [4e-3, 2e-3, 8e-3]  # x1, x0.5, x2 around the fair point's best
+    # top-K falls with the rate all the way; Default is best inside
+    topk, default = {2e-3: 2.0, 4e-3: 1.9, 8e-3: 1.85, 1.6e-2: 1.84, 3.2e-2: 1.83}, {2e-3: 2.0, 4e-3: 1.9, 8e-3: 1.95}
+    for lr in grid:
+        records.append(_record(xs["cell"], "topk", lr, 0, _fake(topk[lr]), part="scale"))
+        records.append(_record(xs["cell"], "default", lr, 0, _fake(default[lr]), part="scale"))
+
+    def names_and_jobs(records):
+        stages = study.stages(p, lambda: study.Results(records))
+        return [(name, jobs) for name, point, jobs in stages if point is xs]
+
+    assert study.grid_rates(xs, p["study"], study.Results(records), dry=False) == {
+        "topk": [*grid, 1.6e-2],
+        "default": grid,
+    }
+    (first, jobs), (second, _) = names_and_jobs(records)[:2]
+    assert first.endswith(": grid") and second.endswith(": seeds")
+    assert ("topk", 1.6e-2) in {(j["variant"], j["lr"]) for j in jobs}
+    records.append(_record(xs["cell"], "topk", 1.6e-2, 0, _fake(topk[1.6e-2]), part="scale"))
+    assert study.grid_rates(xs, p["study"], study.Results(records), dry=False)["topk"] == [*grid, 1.6e-2, 3.2e-2]
+    records.append(_record(xs["cell"], "topk", 3.2e-2, 0, _fake(topk[3.2e-2]), part="scale"))
+    results = study.Results(records)
+    assert study.grid_rates(xs, p["study"], results, dry=False)["topk"] == [*grid, 1.6e-2, 3.2e-2]  # MAX_EXTEND = 2
+    assert study.chosen_rates(xs, p["study"], results)["topk"]["best"] == 3.2e-2
+    # the low edge widens downwards
+    low = [r for r in records if not (r["key"]["part"] == "scale" and r["key"]["variant"] == "default")]
+    for lr, loss in {2e-3: 1.8, 4e-3: 1.9, 8e-3: 1.95}.items():
+        low.append(_record(xs["cell"], "default", lr, 0, _fake(loss), part="scale"))
+    assert study.grid_rates(xs, p["study"], study.Results(low), dry=False)["default"] == [*grid, 1e-3]
+
+
+def test_report_marks_a_best_rate_at_its_grids_edge():
+    """A scaling point whose best rate is still its grid's highest (or lowest) after the grid was widened as far as
+    it goes says so, in the gap table and the grid table, since the arm's true best may lie beyond the grid."""
+    from benchmarks import study, study_report
+
+    p = study.plan("cpu")
+    fair, xs = p["study"][0], p["study"][1]
+    records = [
+        _record(fair["cell"], v, lr, seed, _fake(1.8 - (lr == 4e-3) * 0.1))
+        for v in fair["variants"]
+        for lr in fair["lrs"]
+        for seed in fair["grid_seeds"]
+    ]
+    # xs grid around 4e-3 (x1, x0.5, x2), widened twice for top-K, which keeps improving; Default is best inside
+    topk, default = {2e-3: 2.0, 4e-3: 1.9, 8e-3: 1.85, 1.6e-2: 1.84, 3.2e-2: 1.83}, {2e-3: 2.0, 4e-3: 1.88, 8e-3: 1.95}
+    for variant, losses in (("topk", topk), ("default", default)):
+        for lr, loss in losses.items():
+            records.append(_record(xs["cell"], variant, lr, 0, _fake(loss), part="scale"))
+    text = study_report.render_parts(p, study.Results(records))
+    assert "| 0.032↑ / 0.004 | +0.0500 (n=1, 0 better) |" in text
+    row = "| xs 8e-top1, 819,200 tokens, 1,024/step | topk | 0.002: 2.0000 · 0.004: 1.9000 · 0.008: 1.8500 · "
+    assert row + "0.016: 1.8400 · **0.032: 1.8300** |" in text
+    assert (
+        "| xs 8e-top1, 819,200 tokens, 1,024/step | default | 0.002: 2.0000 · **0.004: 1.8800** · 0.008: 1.9500 |"
+        in text
+    )
+
+
 def test_report_on_partial_results(tmp_path):
     """The report renders whatever has run: missing cells say so, a single seed has no interval, and the plot is
     written."""
@@ -407,8 +496,13 @@ def test_quick_study_runs_resumes_and_renders(tmp_path, one_thread):
     path = tmp_path / "study.jsonl"
     study.run("quick", str(path), log=lambda m: None)
     records = [json.loads(line) for line in path.read_text().splitlines()]
-    planned = sum(row["runs"] for row in study.estimate(study.plan("quick")))
-    assert 0 < len(records) <= planned
+    quick = study.plan("quick")
+    widened = sum(
+        study.MAX_EXTEND * len(point["arms"]) * len(point["grid_seeds"])
+        for point in quick["study"]
+        if point["how"] == "tuned"
+    )
+    assert 0 < len(records) <= sum(row["runs"] for row in study.estimate(quick)) + widened
     assert {r["key"]["part"] for r in records} == {"fair", "scale", "batch", "fine"}
     assert all(math.isfinite(r["result"]["final_val"]) for r in records)
     assert {r["result"]["code"] for r in records} == {code_version()}
