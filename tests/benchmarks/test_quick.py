@@ -373,6 +373,17 @@ def test_trend_slope_interval_against_numpy():
     assert f"[{slope - half:+.4f}, {slope + half:+.4f}], which includes zero" in sentence  # 4 points: wide
 
 
+def _fair_grid_best_at(p: dict, best: float) -> list[dict]:
+    """The fair point's whole grid (every arm, rate and grid seed), each arm best at `best`."""
+    fair = p["study"][0]
+    return [
+        _record(fair["cell"], v, lr, seed, _fake(1.8 - (lr == best) * 0.1))
+        for v in fair["variants"]
+        for lr in fair["lrs"]
+        for seed in fair["grid_seeds"]
+    ]
+
+
 def test_a_grid_widens_past_the_edge_its_best_rate_sits_on():
     """A tuned point's arm whose best rate is its grid's highest gets the next rate up (and lowest: down), one step
     of the grid's spacing at a time, at most `MAX_EXTEND` times; an arm with its best inside keeps its grid. The
@@ -380,13 +391,7 @@ def test_a_grid_widens_past_the_edge_its_best_rate_sits_on():
     from benchmarks import study
 
     p = study.plan("cpu")
-    fair, xs = p["study"][0], p["study"][1]
-    records = [
-        _record(fair["cell"], v, lr, seed, _fake(1.8 - (lr == 4e-3) * 0.1))
-        for v in fair["variants"]
-        for lr in fair["lrs"]
-        for seed in fair["grid_seeds"]
-    ]
+    xs, records = p["study"][1], _fair_grid_best_at(p, 4e-3)
     grid = [4e-3, 2e-3, 8e-3]  # x1, x0.5, x2 around the fair point's best
     # top-K falls with the rate all the way; Default is best inside
     topk, default = {2e-3: 2.0, 4e-3: 1.9, 8e-3: 1.85, 1.6e-2: 1.84, 3.2e-2: 1.83}, {2e-3: 2.0, 4e-3: 1.9, 8e-3: 1.95}
@@ -424,13 +429,7 @@ def test_report_marks_a_best_rate_at_its_grids_edge():
     from benchmarks import study, study_report
 
     p = study.plan("cpu")
-    fair, xs = p["study"][0], p["study"][1]
-    records = [
-        _record(fair["cell"], v, lr, seed, _fake(1.8 - (lr == 4e-3) * 0.1))
-        for v in fair["variants"]
-        for lr in fair["lrs"]
-        for seed in fair["grid_seeds"]
-    ]
+    xs, records = p["study"][1], _fair_grid_best_at(p, 4e-3)
     # xs grid around 4e-3 (x1, x0.5, x2), widened twice for top-K, which keeps improving; Default is best inside
     topk, default = {2e-3: 2.0, 4e-3: 1.9, 8e-3: 1.85, 1.6e-2: 1.84, 3.2e-2: 1.83}, {2e-3: 2.0, 4e-3: 1.88, 8e-3: 1.95}
     for variant, losses in (("topk", topk), ("default", default)):
