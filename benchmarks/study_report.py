@@ -160,6 +160,19 @@ def fair_comparison(p: dict, point: dict, results: study.Results) -> str:
     return _table([*header, "per seed", "load (arm vs top-K)"], rows)
 
 
+def _best_so_far(p: dict, point: dict, results: study.Results, arm: str) -> tuple[float | None, str]:
+    """An arm's best rate at a point and its mark (`_rate_mark`); until its grid (widened or not) has run, the best of
+    the rates that have, marked `*`."""
+    grid = _grid(p, point, results, arm)
+    best = study.chosen_rates(point, p["study"], results)[arm]["best"]
+    if best is not None:
+        return best, _rate_mark(best, grid)
+    source = point if point["how"] != "at" else study.point_of(p["study"], point["source"])
+    done = [lr for lr in grid if results.finals(source["cell"], arm, lr, source["grid_seeds"]) is not None]
+    best = results.best_lr(source["cell"], arm, done, source["grid_seeds"]) if done else None
+    return best, _rate_mark(best, done) + ("*" if best is not None else "")
+
+
 def gap_points(p: dict, results: study.Results, parts=("fair", "scale", "gpu")) -> list[dict]:
     """The paper's form (`default`) minus top-K, each at its own best rate, per 8e-top1 point of these parts."""
     out = []
@@ -167,20 +180,20 @@ def gap_points(p: dict, results: study.Results, parts=("fair", "scale", "gpu")) 
         cell = point["cell"]
         if point["part"] not in parts or cell["shape"] != "8e-top1":
             continue
-        chosen = study.chosen_rates(point, p["study"], results)
-        if "default" not in chosen:
+        if "default" not in study._arms(point):
             continue
-        d = compare(results, cell, "default", chosen["default"]["best"], chosen["topk"]["best"])
-        runs = _seeds_at(results, cell, "topk", chosen["topk"]["best"])
+        (topk, topk_mark), (default, default_mark) = (
+            _best_so_far(p, point, results, arm) for arm in ("topk", "default")
+        )
+        d = compare(results, cell, "default", default, topk)
+        runs = _seeds_at(results, cell, "topk", topk)
         active = next(iter(runs.values()))["active_params"] if runs else None
         out.append(
             dict(
                 point=point,
                 cell=cell,
                 gap=d,
-                rates=tuple(
-                    _rate_mark(chosen[arm]["best"], _grid(p, point, results, arm)) for arm in ("topk", "default")
-                ),
+                rates=(topk_mark, default_mark),
                 params=next(iter(runs.values()))["params"] if runs else None,
                 compute=6 * active * cell["tokens"] if active else None,
             )
@@ -311,6 +324,7 @@ def plot(points: list[dict], batch: list[dict], trend: dict | None, path: str | 
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.6), gridspec_kw={"width_ratios": [2, 1]})
     sizes = sorted({q["cell"]["size"] for q in points if q["params"]}, key=lambda s: study.SIZES[s]["hidden"])
@@ -362,6 +376,7 @@ def plot(points: list[dict], batch: list[dict], trend: dict | None, path: str | 
         )
     left.axhline(0, color="grey", lw=0.8)
     left.set_xscale("log")
+    left.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
     left.set_xlabel("training compute, FLOPs (6 x active parameters x tokens)")
     left.set_ylabel("Default minus top-K, validation nats/byte\n(each at its own best LR; < 0: Default better)")
     per_step = ", ".join(f"{t:,}" for t in sorted({q["cell"]["tokens_per_step"] for q in points}))
@@ -375,6 +390,8 @@ def plot(points: list[dict], batch: list[dict], trend: dict | None, path: str | 
         g = q["gap"]
         err = None if not g["ci95"] else [[g["mean"] - g["ci95"][0]], [g["ci95"][1] - g["mean"]]]
         right.errorbar(q["cell"]["tokens_per_step"], g["mean"], yerr=err, fmt="s", capsize=3, color="C1")
+    if not any(q["gap"] for q in batch):
+        right.text(0.5, 0.5, "not yet run", ha="center", transform=right.transAxes)
     right.axhline(0, color="grey", lw=0.8)
     right.set_xscale("log", base=2)
     ticks = sorted({q["cell"]["tokens_per_step"] for q in batch})
@@ -432,7 +449,7 @@ def render_parts(p: dict, results: study.Results, plot_path: str | Path | None =
     out.append(
         "\n#### The trend with scale\n\nThe paper's form minus top-K, each at its own best rate (a size's second "
         "budget uses its first budget's rates; ↑/↓: the best is the grid's highest/lowest rate, so it may lie beyond "
-        "it), paired seeds:\n"
+        "it; *: the best so far, the grid not finished or still to be widened past that edge), paired seeds:\n"
     )
     out.append(scaling_table(points))
     out.append("\n" + trend_sentence(trend) + "\n")

@@ -443,6 +443,9 @@ def test_report_marks_a_best_rate_at_its_grids_edge():
         "| xs 8e-top1, 819,200 tokens, 1,024/step | default | 0.002: 2.0000 · **0.004: 1.8800** · 0.008: 1.9500 |"
         in text
     )
+    # while the grid's last widening has not run: the best so far, marked
+    pending = [r for r in records if not (r["key"]["part"] == "scale" and r["key"]["lr"] == 3.2e-2)]
+    assert "| 0.016↑* / 0.004 | +0.0400 (n=1, 0 better) |" in study_report.render_parts(p, study.Results(pending))
 
 
 def test_report_on_partial_results(tmp_path):
