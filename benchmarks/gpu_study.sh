@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Issue 19's study on one GPU (bf16): top-K and the paper's form at 25M, 98M and 393M parameters (8 experts top-1,
-# 32,768 tokens per step, each arm's own 3-rate grid, then seeds 1-2 at its best; benchmarks/study.py, plan "gpu"),
+# 32,768 tokens per step, each arm's own 3-rate grid, widened past an edge where its best sits, then seeds 1-2 at
+# its best; benchmarks/study.py, plan "gpu"),
 # four runs at a time on the one GPU, no run started after DEADLINE seconds (default 420), then the tables and plot.
 #
 # Prepare, once, in the checkout the device tool sends (the device's own transformers, 5.17, is below our floor):
