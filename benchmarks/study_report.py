@@ -319,6 +319,13 @@ def arms_table(p: dict, part: str, results: study.Results) -> str:
     return _table(["point", "arm", "best LR", "val (seeds)", "minus top-K", "load max/mean"], rows)
 
 
+def _yerr(gap: dict) -> list[list[float]] | None:
+    """Matplotlib's error bar of a paired gap: its 95% interval around the mean (None with one seed)."""
+    if not gap["ci95"]:
+        return None
+    return [[gap["mean"] - gap["ci95"][0]], [gap["ci95"][1] - gap["mean"]]]
+
+
 def plot(points: list[dict], batch: list[dict], trend: dict | None, path: str | Path, gpu: list[dict] = ()) -> None:
     import matplotlib
 
@@ -333,12 +340,11 @@ def plot(points: list[dict], batch: list[dict], trend: dict | None, path: str | 
         if not q["gap"] or not q["compute"]:
             continue
         g = q["gap"]
-        err = None if not g["ci95"] else [[g["mean"] - g["ci95"][0]], [g["ci95"][1] - g["mean"]]]
         i = sizes.index(q["cell"]["size"])
         left.errorbar(
             q["compute"],
             g["mean"],
-            yerr=err,
+            yerr=_yerr(g),
             fmt="o",
             capsize=3,
             color=colours(0.85 * i / max(1, len(sizes) - 1)),
@@ -354,11 +360,10 @@ def plot(points: list[dict], batch: list[dict], trend: dict | None, path: str | 
     for q in gpu:
         if q["gap"] and q["compute"]:
             g = q["gap"]
-            err = None if not g["ci95"] else [[g["mean"] - g["ci95"][0]], [g["ci95"][1] - g["mean"]]]
             left.errorbar(
                 q["compute"],
                 g["mean"],
-                yerr=err,
+                yerr=_yerr(g),
                 fmt="D",
                 mfc="none",
                 capsize=3,
@@ -388,8 +393,7 @@ def plot(points: list[dict], batch: list[dict], trend: dict | None, path: str | 
         if not q["gap"]:
             continue
         g = q["gap"]
-        err = None if not g["ci95"] else [[g["mean"] - g["ci95"][0]], [g["ci95"][1] - g["mean"]]]
-        right.errorbar(q["cell"]["tokens_per_step"], g["mean"], yerr=err, fmt="s", capsize=3, color="C1")
+        right.errorbar(q["cell"]["tokens_per_step"], g["mean"], yerr=_yerr(g), fmt="s", capsize=3, color="C1")
     if not any(q["gap"] for q in batch):
         right.text(0.5, 0.5, "not yet run", ha="center", transform=right.transAxes)
     right.axhline(0, color="grey", lw=0.8)
