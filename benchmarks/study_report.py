@@ -64,11 +64,14 @@ def _cell_name(cell: dict) -> str:
     return f"{cell['size']} {cell['shape']}, {cell['tokens']:,} tokens, {cell['tokens_per_step']:,}/step"
 
 
+def _tuned_at(p: dict, point: dict) -> dict:
+    """The point whose grid chose a point's rates: itself, or an "at" point's source."""
+    return study.point_of(p["study"], point["source"]) if point["how"] == "at" else point
+
+
 def _grid(p: dict, point: dict, results: study.Results, arm: str) -> list[float]:
-    """The rates an arm's best was chosen from at a point (an "at" point: its source's grid)."""
-    if point["how"] == "at":
-        point = study.point_of(p["study"], point["source"])
-    grids = study.grid_rates(point, p["study"], results, dry=False) or {}
+    """The rates an arm's best was chosen from at a point."""
+    grids = study.grid_rates(_tuned_at(p, point), p["study"], results, dry=False) or {}
     return grids.get(arm if arm in grids else "default", [])
 
 
@@ -76,7 +79,8 @@ def _rate_mark(lr: float | None, grid: list[float]) -> str:
     """A chosen rate, with ↑ (↓) where it is its grid's highest (lowest): the best may lie beyond the grid."""
     if lr is None:
         return "?"
-    return f"{lr:g}" + ("↑" if lr == max(grid) else "↓" if lr == min(grid) else "") if grid else f"{lr:g}"
+    edge = "" if not grid else "↑" if lr == max(grid) else "↓" if lr == min(grid) else ""
+    return f"{lr:g}{edge}"
 
 
 def progress(p: dict, results: study.Results) -> str:
@@ -167,7 +171,7 @@ def _best_so_far(p: dict, point: dict, results: study.Results, arm: str) -> tupl
     best = study.chosen_rates(point, p["study"], results)[arm]["best"]
     if best is not None:
         return best, _rate_mark(best, grid)
-    source = point if point["how"] != "at" else study.point_of(p["study"], point["source"])
+    source = _tuned_at(p, point)
     done = [lr for lr in grid if results.finals(source["cell"], arm, lr, source["grid_seeds"]) is not None]
     best = results.best_lr(source["cell"], arm, done, source["grid_seeds"]) if done else None
     return best, _rate_mark(best, done) + ("*" if best is not None else "")
