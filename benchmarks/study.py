@@ -177,14 +177,16 @@ def plan(kind: str) -> dict:
             tuned("scale", large, arms, m, factors, [0], seeds),
             at_best_of("scale", _cell("xs", 3_276_800, 1024), arms, xs, seeds),
             at_best_of("scale", _cell("s", 3_276_800, 1024), arms, fair, seeds),
-            at_best_of("scale", _cell("m", 1_638_400, 1024), arms, m, seeds),
-            at_best_of("batch", _cell("s", 1_638_400, 1024), arms, fair, seeds),
-            tuned("batch", _cell("s", 1_638_400, 8192), arms, fair, [2.0, 1.0, 4.0], [0], seeds),
-            tuned("batch", _cell("s", 1_638_400, 32768), arms, fair, [4.0, 2.0, 8.0], [0], seeds),
+            # the fine-grained shapes and the batch points before the last second budgets: they have no data yet,
+            # where two sizes already have two budgets
             *(
                 tuned("fine", _cell("m", 409_600, 1024, shape), fine_arms, m, factors, [0], seeds)
                 for shape in ("32e-top1", "32e-top4", "32e-top4-shared")
             ),
+            at_best_of("batch", _cell("s", 1_638_400, 1024), arms, fair, seeds),
+            tuned("batch", _cell("s", 1_638_400, 8192), arms, fair, [2.0, 1.0, 4.0], [0], seeds),
+            tuned("batch", _cell("s", 1_638_400, 32768), arms, fair, [4.0, 2.0, 8.0], [0], seeds),
+            at_best_of("scale", _cell("m", 1_638_400, 1024), arms, m, seeds),
             at_best_of("scale", _cell("l", 1_638_400, 1024), arms, large, seeds),
         ],
     )
