@@ -13,6 +13,10 @@ done/total, elapsed time and an ETA after each run; `cost(job)`, if given, estim
 relative unit) and the ETA weighs the remaining runs by it. `deadline_s` stops launching new runs that many seconds
 after the start (the runs in flight finish and are recorded), for a fixed time budget.
 
+`run_as_ready(next_job, fn, results_path, ...)` is the same runner for a study whose later runs depend on earlier
+results: whenever a worker is free it asks `next_job(running)` (the jobs in flight) for the next run, and ends when
+that returns None with nothing running, so a free worker never waits for a stage to end if any known run is left.
+
 `load_results(path)` returns the finished runs as a list of {"key", "result", "finished_utc"} (the order they
 finished); `finished_keys` the set of their canonical keys.
 """
@@ -104,52 +108,80 @@ def run_jobs(
     if len(set(keys)) != len(keys):
         raise ValueError("run_jobs: two jobs have the same key (identical fields)")
     path = Path(results_path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     done = finished_keys(path)
     todo = [job for job, key in zip(jobs, keys, strict=True) if key not in done]
     cost = cost or (lambda job: 1.0)
     total_cost = sum(map(cost, todo)) or 1.0
     log(f"{len(jobs) - len(todo)}/{len(jobs)} runs already in {path}; {len(todo)} to run, {workers} at a time")
-    start, cost_done = time.perf_counter(), 0.0
-    deadline = None if deadline_s is None else start + deadline_s
-    if path.exists() and path.stat().st_size and not path.read_bytes().endswith(b"\n"):
-        with path.open("a", encoding="utf-8") as out:  # a torn last line stays torn: start on a fresh line
-            out.write("\n")
-    with path.open("a", encoding="utf-8") as out:
-        for n, (job, result) in enumerate(_imap(fn, todo, workers, deadline), 1):
-            record = {"key": job, "result": result, "finished_utc": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime())}
-            out.write(json.dumps(record) + "\n")
-            out.flush()
-            os.fsync(out.fileno())
-            cost_done += cost(job)
-            elapsed = time.perf_counter() - start
-            eta = elapsed * (total_cost - cost_done) / cost_done
-            what = describe(job, result) if describe else canonical(job)
-            log(
-                f"{len(jobs) - len(todo) + n}/{len(jobs)} done, elapsed {_duration(elapsed)}, "
-                f"ETA {_duration(eta)}: {what}"
-            )
+    start, cost_done, already = time.perf_counter(), 0.0, len(jobs) - len(todo)
+    queue = list(todo)
+    next_job = lambda running: queue.pop(0) if queue else None  # noqa: E731
+    for n, (job, result) in enumerate(_append(fn, next_job, path, workers, deadline_s), 1):
+        cost_done += cost(job)
+        elapsed = time.perf_counter() - start
+        eta = elapsed * (total_cost - cost_done) / cost_done
+        what = describe(job, result) if describe else canonical(job)
+        log(f"{already + n}/{len(jobs)} done, elapsed {_duration(elapsed)}, ETA {_duration(eta)}: {what}")
     by_key = {canonical(record["key"]): record for record in load_results(path)}
     return [by_key[key] for key in keys if key in by_key]
 
 
-def _imap(fn, jobs: list[dict], workers: int, deadline: float | None):
-    """(job, fn(job)) in completion order, `workers` at a time (in this process if 1; else each in a fresh forked
-    process), none started after `deadline` (a time.perf_counter() value)."""
+def run_as_ready(
+    next_job: Callable[[list[dict]], dict | None],
+    fn: Callable[[dict], dict],
+    results_path: str | os.PathLike,
+    workers: int = 1,
+    log: Callable[[str], None] = _log,
+    describe: Callable[[dict, dict], str] | None = None,
+    deadline_s: float | None = None,
+) -> int:
+    """Run `next_job(running)`'s jobs until it returns None with nothing in flight, `workers` at a time, appending
+    each result to `results_path` as it finishes; return how many ran. `next_job` sees the jobs in flight and may
+    read `results_path` (every finished run is in it), so it can choose runs from results that arrived meanwhile;
+    it must not return a job in flight or finished."""
+    start, n = time.perf_counter(), 0
+    for n, (job, result) in enumerate(_append(fn, next_job, results_path, workers, deadline_s), 1):
+        what = describe(job, result) if describe else canonical(job)
+        log(f"{n} done, elapsed {_duration(time.perf_counter() - start)}: {what}")
+    return n
+
+
+def _append(fn, next_job, results_path, workers: int, deadline_s: float | None):
+    """(job, fn(job)) of `next_job`'s jobs in completion order (`_imap`), each appended to `results_path` (flushed
+    and synced) before it is yielded."""
+    path = Path(results_path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.exists() and path.stat().st_size and not path.read_bytes().endswith(b"\n"):
+        with path.open("a", encoding="utf-8") as out:  # a torn last line stays torn: start on a fresh line
+            out.write("\n")
+    deadline = None if deadline_s is None else time.perf_counter() + deadline_s
+    with path.open("a", encoding="utf-8") as out:
+        for job, result in _imap(fn, next_job, workers, deadline):
+            record = {"key": job, "result": result, "finished_utc": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime())}
+            out.write(json.dumps(record) + "\n")
+            out.flush()
+            os.fsync(out.fileno())
+            yield job, result
+
+
+def _imap(fn, next_job, workers: int, deadline: float | None):
+    """(job, fn(job)) in completion order for the jobs `next_job(running)` gives while a worker is free, `workers`
+    at a time (in this process if 1; else each in a fresh forked process), none started after `deadline` (a
+    time.perf_counter() value)."""
     started = lambda: deadline is None or time.perf_counter() <= deadline  # noqa: E731
     if workers <= 1:
-        for job in jobs:
-            if not started():
-                return
+        while started() and (job := next_job([])) is not None:
             yield _call((fn, job))
         return
     # fork is cheap, but a forked child cannot use CUDA once the parent has touched it: spawn where there is a GPU.
     method = "spawn" if "torch" in sys.modules and sys.modules["torch"].cuda.is_available() else "fork"
-    context, queue, running = multiprocessing.get_context(method), list(jobs), {}
+    context, running = multiprocessing.get_context(method), {}
     try:
-        while queue or running:
-            while queue and len(running) < workers and started():
-                job = queue.pop(0)
+        while True:
+            while len(running) < workers and started():
+                job = next_job([job for _, job in running.values()])
+                if job is None:
+                    break
                 receive, send = context.Pipe(duplex=False)
                 process = context.Process(target=_child, args=(fn, job, send), daemon=True)
                 process.start()

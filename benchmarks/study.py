@@ -10,8 +10,10 @@ Every run is one job of benchmarks/runs.py (its fields are its key: part, size, 
 step, seed, learning rate), trained by benchmarks/method.py's `train_run` (the paper's recipe: first layer dense,
 Switch load-balancing loss 0.01 over the whole batch, no z-loss, no jitter, AdamW (0.9, 0.95), weight decay 0.1,
 clip 1.0, 5% warm-up then cosine decay; byte-level LM on the built-in corpus; same seed = same initial weights and
-batches for every arm). A rerun skips finished runs; stages run in priority order, and a stage that chooses learning
-rates reads them from the results of the stages before it, so the first hours already answer the most:
+batches for every arm). A rerun skips finished runs. Runs start in the plan's priority order; a stage that chooses
+learning rates reads them from the results of the stages before it, and a worker that finds no run of the current
+stage left to start takes the first run of a later stage whose rates are known, so the first hours already answer
+the most and no core waits for a stage's last run:
 
 1. `fair`: top-K, the paper's form (`default`) and `gradient` (defaults in the router gradient only), each over its
    own grid of 6 rates (4x below to 8x above top-K's earlier best, 2e-3), 2 seeds, at the base size; then 3 more
@@ -19,9 +21,10 @@ rates reads them from the results of the stages before it, so the first hours al
 2. `scale`: top-K and `default` at four sizes (0.2M to 11M parameters, 58x), two token budgets each (4x apart);
    at each size's first budget a 3-rate grid (seed 0) around the smaller size's best rate per arm, then seeds 1-2
    at each arm's best; the second budget at those rates, seeds 0-2.
-3. `batch`: 1k, 8k and 32k tokens per step at equal total tokens (base size), each with its own grid.
-4. `fine`: 32 experts top-1, top-4, top-4 with a shared expert (the paper's beta per configuration), top-K, the
+3. `fine`: 32 experts top-1, top-4, top-4 with a shared expert (the paper's beta per configuration), top-K, the
    paper's form and its router-probability-weighted EMA, each with its own grid, at the third size.
+4. `batch`: 1k, 8k and 32k tokens per step at equal total tokens (base size), each with its own grid.
+(The second budgets of the two largest sizes run last.)
 """
 
 from __future__ import annotations
@@ -35,7 +38,7 @@ from pathlib import Path
 
 from . import method
 from .common import byte_corpus, code_version
-from .runs import canonical, load_results, run_jobs
+from .runs import canonical, load_results, run_as_ready
 
 RESULTS = {"cpu": "benchmarks/results/study.jsonl", "gpu": "benchmarks/results/study_gpu.jsonl"}
 
@@ -360,8 +363,9 @@ def chosen_rates(point: dict, study: list[dict], results: Results, dry: bool = F
 
 
 def stages(p: dict, results_now, dry: bool = False):
-    """(name, point, jobs) in priority order; `jobs` is None while the rates it needs are not known.
-    `results_now()` returns the Results so far (read again before each stage that chooses rates)."""
+    """(name, point, jobs) in priority order; `jobs` are the runs whose rates are known (a point's seeds: those of
+    the arms whose best rate is known), None while none is. `results_now()` returns the Results so far (read again
+    before each stage that chooses rates)."""
     study = p["study"]
     for point in study:
         cell, part = point["cell"], point["part"]
@@ -391,7 +395,8 @@ def stages(p: dict, results_now, dry: bool = False):
         else:
             wanted = {arm: [rates[arm if arm in rates else "default"]["best"]] for arm in point["arms"]}
             seeds = point["seeds"]
-        if any(lr is None for lrs in wanted.values() for lr in lrs[:1]):
+        wanted = {arm: lrs for arm, lrs in wanted.items() if lrs[0] is not None}  # an arm whose grid is done
+        if not wanted:
             yield f"{name}: seeds", point, None
             continue
         jobs = [
@@ -460,6 +465,21 @@ def estimate(p: dict) -> list[dict]:
     return out
 
 
+def left(p: dict, records: list[dict], running: list[dict] = ()) -> tuple[list[dict], list[str]]:
+    """What is left of the plan: the known runs not finished nor in `running`, in priority order, and the stages
+    still waiting for rates (names)."""
+    results, busy = Results(records), {canonical(r["key"]) for r in records} | set(map(canonical, running))
+    todo, waiting = [], []
+    for name, _, jobs in stages(p, lambda: results):
+        if jobs is None:
+            waiting.append(name)
+        for job in jobs or []:
+            if canonical(job) not in busy:
+                busy.add(canonical(job))  # a grid run reused at the chosen rate is listed once
+                todo.append(job)
+    return todo, waiting
+
+
 def run(
     kind: str = "cpu",
     results_path: str | None = None,
@@ -467,23 +487,35 @@ def run(
     deadline_s: float | None = None,
     log=_log,
 ) -> Results:
-    """Run (or resume) the study; returns the Results in the file at the end."""
+    """Run (or resume) the study; returns the Results in the file at the end. Whenever a worker is free it starts
+    the first known run (`left`) of the results so far."""
     import functools
 
     p = plan(kind)
     path = Path(results_path or RESULTS["gpu" if kind == "gpu" else "cpu"])
-    start = time.perf_counter()
     byte_corpus(p["train_bytes"], "train"), byte_corpus(p["valid_bytes"], "validation")  # read once, shared
-    for name, _, jobs in stages(p, lambda: Results(load_results(path))):
-        if jobs is None:
-            log(f"{name}: the rates it needs are not known yet (earlier runs missing); stopping")
-            break
-        left = None if deadline_s is None else deadline_s - (time.perf_counter() - start)
-        if left is not None and left <= 0:
-            log(f"deadline reached before {name}; stopping")
-            break
-        log(f"{name}: {len(jobs)} runs")
-        run_jobs(jobs, functools.partial(train, p), path, workers, log, _describe, cost, left)
+    announced = set()  # points whose first run has started
+
+    def next_job(running: list[dict]) -> dict | None:
+        todo, _ = left(p, load_results(path), running)
+        if todo and (todo[0]["part"], cell_key(todo[0])) not in announced:
+            job = todo[0]
+            announced.add((job["part"], cell_key(job)))
+            log(f"starting {job['part']} {job['size']} {job['shape']} {job['tokens']:,}/{job['tokens_per_step']}")
+        return todo[0] if todo else None
+
+    def describe(job: dict, result: dict) -> str:
+        todo, waiting = left(p, load_results(path))
+        hours = sum(map(cost, todo)) / 3600
+        return (
+            f"{_describe(job, result)}; left: {len(todo)} known runs (~{hours:.1f} core-hours), {len(waiting)} stages"
+        )
+
+    log(f"the study in {path}: {len(load_results(path))} runs finished")
+    n = run_as_ready(next_job, functools.partial(train, p), path, workers, log, describe, deadline_s)
+    todo, waiting = left(p, load_results(path))
+    rest = f"left: {len(todo)} known runs and {len(waiting)} stages; rerun to resume" if todo or waiting else "done"
+    log(f"{n} runs this time; {rest}")
     return Results(load_results(path))
 
 

@@ -283,6 +283,33 @@ def test_runner_runs_jobs_in_parallel_and_stops_at_a_deadline(tmp_path):
         run_jobs([{"x": 1}, {"x": 1}], _square, tmp_path / "c.jsonl")
 
 
+def test_runner_fills_a_free_worker_with_a_run_that_became_known(tmp_path):
+    """`run_as_ready` asks for the next run whenever a worker is free, so a run that depends on a finished one
+    starts while a long one is still in flight; it ends when no run is left and none is running."""
+    from benchmarks.runs import load_results, run_as_ready
+
+    path = tmp_path / "runs.jsonl"
+    asked = []
+
+    def next_job(running):
+        done = {r["key"]["x"] for r in load_results(path)}
+        busy = done | {job["x"] for job in running}
+        asked.append(sorted(job["x"] for job in running))
+        # 0 (long) and 1 (short) are known from the start; 2 only once 1 has finished
+        known = [{"x": 0, "sleep": 2.0}, {"x": 1, "sleep": 0.2}] + ([{"x": 2, "sleep": 0.2}] if 1 in done else [])
+        return next((job for job in known if job["x"] not in busy), None)
+
+    messages = []
+    assert run_as_ready(next_job, _square, path, workers=2, log=messages.append) == 3
+    runs = {r["key"]["x"]: r["result"] for r in load_results(path)}
+    assert sorted(runs) == [0, 1, 2]
+    assert runs[2]["start"] < runs[0]["end"]  # the dependent run did not wait for the long one
+    assert [0] in asked  # asked again while 0 was still in flight
+    assert messages[-1].startswith("3 done, elapsed ")
+    assert run_as_ready(next_job, _square, path, workers=2, log=messages.append) == 0
+    assert run_as_ready(lambda running: {"x": 9}, _square, tmp_path / "d.jsonl", workers=2, deadline_s=0) == 0
+
+
 def _fake(final: float, spike: float = 0.0, load: float = 1.5, active: int = 1000) -> dict:
     """A run's result as the report reads it: final loss, a 50-window training curve with a rise of `spike`."""
     curve = {str(i): 3.0 - 0.01 * i for i in range(1, 51)}
@@ -421,6 +448,32 @@ def test_a_grid_widens_past_the_edge_its_best_rate_sits_on():
     for lr, loss in {2e-3: 1.8, 4e-3: 1.9, 8e-3: 1.95}.items():
         low.append(_record(xs["cell"], "default", lr, 0, _fake(loss), part="scale"))
     assert study.grid_rates(xs, p["study"], study.Results(low), dry=False)["default"] == [*grid, 1e-3]
+
+
+def test_a_settled_arm_starts_its_seeds_while_another_arm_widens():
+    """At a tuned point whose grid has run, an arm whose best rate lies inside its grid has its seeds known at
+    once, so they run beside the other arm's widening; a later point whose rates are known comes after both; the
+    widened arm's seeds, and a point at its rates, wait for its new rate."""
+    from benchmarks import study
+
+    p = study.plan("cpu")
+    xs, records = p["study"][1], _fair_grid_best_at(p, 4e-3)
+    for lr, (topk, default) in {2e-3: (2.0, 2.0), 4e-3: (1.9, 1.88), 8e-3: (1.85, 1.95)}.items():
+        records.append(_record(xs["cell"], "topk", lr, 0, _fake(topk), part="scale"))
+        records.append(_record(xs["cell"], "default", lr, 0, _fake(default), part="scale"))
+    todo, waiting = study.left(p, records)
+    scaling = [j for j in todo if j["part"] != "fair"]  # (the fair point's confirmation seeds come first)
+    assert [(j["size"], j["variant"], j["lr"], j["seed"]) for j in scaling[:3]] == [
+        ("xs", "topk", 1.6e-2, 0),
+        ("xs", "default", 4e-3, 1),
+        ("xs", "default", 4e-3, 2),
+    ]
+    assert scaling[3]["size"] == "m"  # m's grid is centred on the fair point's rates: known
+    second = {j["variant"] for j in todo if j["size"] == "xs" and j["tokens"] == 3_276_800}
+    assert second == {"default"}  # xs's second budget at xs's rates: top-K's is not known yet
+    assert "fine m 32e-top1 409,600 tokens 1024/step: grid" in waiting  # centred on m's rates
+    busy = todo[:2]  # with those in flight, the next free worker takes the next known run
+    assert study.left(p, records, busy)[0][0] == todo[2]
 
 
 def test_report_marks_a_best_rate_at_its_grids_edge():
