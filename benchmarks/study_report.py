@@ -305,16 +305,16 @@ def arms_table(p: dict, part: str, results: study.Results) -> str:
     for point in p["study"]:
         if point["part"] != part:
             continue
-        chosen = study.chosen_rates(point, p["study"], results)
+        best = {arm: _best_so_far(p, point, results, arm) for arm in point["arms"]}
         for arm in point["arms"]:
-            lr = chosen[arm]["best"]
+            lr, mark = best[arm]
             runs = _seeds_at(results, point["cell"], arm, lr)
-            d = None if arm == "topk" else compare(results, point["cell"], arm, lr, chosen["topk"]["best"])
+            d = None if arm == "topk" else compare(results, point["cell"], arm, lr, best["topk"][0])
             rows.append(
                 [
                     _cell_name(point["cell"]),
                     arm,
-                    _rate_mark(lr, _grid(p, point, results, arm)),
+                    mark,
                     f"{_mean([r['final_val'] for r in runs.values()]):.4f} ({len(runs)})" if runs else NOT_RUN,
                     "-" if arm == "topk" else _gap_cell(d),
                     _load(runs),

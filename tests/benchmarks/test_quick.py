@@ -501,6 +501,29 @@ def test_report_marks_a_best_rate_at_its_grids_edge():
     assert "| 0.016↑* / 0.004 | +0.0400 (n=1, 0 better) |" in study_report.render_parts(p, study.Results(pending))
 
 
+def test_32_expert_table_shows_each_arms_best_so_far():
+    """The 32-expert rows compare every arm to top-K at each one's best rate; while a grid is still running, at the
+    best of the rates that have run, marked `*` (and ↑/↓ at the edge of those)."""
+    from benchmarks import study, study_report
+
+    p = study.plan("cpu")
+    m = next(point for point in p["study"] if point["part"] == "scale" and point["cell"]["size"] == "m")
+    fine = next(point for point in p["study"] if point["part"] == "fine")
+    records = _fair_grid_best_at(p, 4e-3)
+    for arm in m["arms"]:  # m's grid around 4e-3, best inside: the 32-expert grids are centred there too
+        for lr, loss in {4e-3: 1.7, 2e-3: 1.8, 8e-3: 1.9}.items():
+            records.append(_record(m["cell"], arm, lr, 0, _fake(loss), part="scale"))
+    losses = {"topk": {4e-3: 2.0, 2e-3: 1.95}, "default": {4e-3: 2.1, 2e-3: 2.2}, "default_router_prob": {4e-3: 2.03}}
+    for arm, by_lr in losses.items():
+        for lr, loss in by_lr.items():
+            records.append(_record(fine["cell"], arm, lr, 0, _fake(loss, load=2.0), part="fine"))
+    text = study_report.arms_table(p, "fine", study.Results(records))
+    name = "| m 32e-top1, 409,600 tokens, 1,024/step |"
+    assert f"{name} topk | 0.002↓* | 1.9500 (1) | - | 2.00 |" in text
+    assert f"{name} default | 0.004↑* | 2.1000 (1) | +0.1500 (n=1, 0 better) | 2.00 |" in text
+    assert f"{name} default_router_prob | 0.004↑* | 2.0300 (1) | +0.0800 (n=1, 0 better) | 2.00 |" in text
+
+
 def test_report_on_partial_results(tmp_path):
     """The report renders whatever has run: missing cells say so, a single seed has no interval, and the plot is
     written."""
