@@ -177,19 +177,18 @@ def _best_so_far(p: dict, point: dict, results: study.Results, arm: str) -> tupl
     return best, _rate_mark(best, done) + ("*" if best is not None else "")
 
 
-def gap_points(p: dict, results: study.Results, parts=("fair", "scale", "gpu")) -> list[dict]:
-    """The paper's form (`default`) minus top-K, each at its own best rate, per 8e-top1 point of these parts."""
+def gap_points(p: dict, results: study.Results, parts=("fair", "scale", "gpu"), arm: str = "default") -> list[dict]:
+    """An arm (the paper's form by default) minus top-K, each at its own best rate, per 8e-top1 point of these parts
+    that runs the arm."""
     out = []
     for point in p["study"]:
         cell = point["cell"]
         if point["part"] not in parts or cell["shape"] != "8e-top1":
             continue
-        if "default" not in study._arms(point):
+        if arm not in study._arms(point):
             continue
-        (topk, topk_mark), (default, default_mark) = (
-            _best_so_far(p, point, results, arm) for arm in ("topk", "default")
-        )
-        d = compare(results, cell, "default", default, topk)
+        (topk, topk_mark), (mine, mine_mark) = (_best_so_far(p, point, results, a) for a in ("topk", arm))
+        d = compare(results, cell, arm, mine, topk)
         runs = _seeds_at(results, cell, "topk", topk)
         active = next(iter(runs.values()))["active_params"] if runs else None
         out.append(
@@ -197,7 +196,7 @@ def gap_points(p: dict, results: study.Results, parts=("fair", "scale", "gpu")) 
                 point=point,
                 cell=cell,
                 gap=d,
-                rates=(topk_mark, default_mark),
+                rates=(topk_mark, mine_mark),
                 params=next(iter(runs.values()))["params"] if runs else None,
                 compute=6 * active * cell["tokens"] if active else None,
             )
@@ -257,7 +256,7 @@ def trend_sentence(trend: dict | None) -> str:
     )
 
 
-def scaling_table(points: list[dict]) -> str:
+def scaling_table(points: list[dict], arm: str = "Default") -> str:
     rows = []
     for q in sorted(points, key=lambda q: q["compute"] or math.inf):
         cell = q["cell"]
@@ -272,8 +271,8 @@ def scaling_table(points: list[dict]) -> str:
                 _gap_cell(q["gap"]),
             ]
         )
-    header = ["size", "params", "tokens", "tokens/step", "compute (6·active·tokens)", "LR top-K / Default"]
-    return _table([*header, "Default minus top-K"], rows)
+    header = ["size", "params", "tokens", "tokens/step", "compute (6·active·tokens)", f"LR top-K / {arm}"]
+    return _table([*header, f"{arm} minus top-K"], rows)
 
 
 def grids_table(p: dict, parts: tuple[str, ...], results: study.Results) -> str:
@@ -330,7 +329,16 @@ def _yerr(gap: dict) -> list[list[float]] | None:
     return [[gap["mean"] - gap["ci95"][0]], [gap["ci95"][1] - gap["mean"]]]
 
 
-def plot(points: list[dict], batch: list[dict], trend: dict | None, path: str | Path, gpu: list[dict] = ()) -> None:
+def plot(
+    points: list[dict],
+    batch: list[dict],
+    trend: dict | None,
+    path: str | Path,
+    gpu: list[dict] = (),
+    unrouted: list[dict] = (),
+) -> None:
+    """The gap against compute (`points`, fitted by `trend`; `gpu` and `unrouted`'s gaps beside them, not fitted) and
+    against tokens per step (`batch`)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -373,6 +381,19 @@ def plot(points: list[dict], batch: list[dict], trend: dict | None, path: str | 
                 capsize=3,
                 color="C3",
                 label=f"GPU {q['cell']['size']} ({q['params'] / 1e6:.0f}M, 8 layers, not in the fit)",
+            )
+    for q in unrouted:
+        if q["gap"] and q["compute"]:
+            g = q["gap"]
+            left.errorbar(
+                q["compute"] * 1.15,  # nudged right of the paper's form's point at the same compute
+                g["mean"],
+                yerr=_yerr(g),
+                fmt="^",
+                mfc="none",
+                capsize=3,
+                color="C1",
+                label="unrouted defaults (item 5's fix), not in the fit",
             )
     if trend:
         xs = [trend["lo"] - 0.2, trend["hi"] + 0.5]
@@ -461,6 +482,13 @@ def render_parts(p: dict, results: study.Results, plot_path: str | Path | None =
     )
     out.append(scaling_table(points))
     out.append("\n" + trend_sentence(trend) + "\n")
+    unrouted = gap_points(p, results, arm="unrouted")
+    if unrouted:
+        out.append(
+            "\n`unrouted` defaults (item 5's estimator fix: each expert's EMA over tokens that did not pick it) minus "
+            "top-K, each at its own best rate, at the points that run it:\n"
+        )
+        out.append(scaling_table(unrouted, "unrouted"))
     if any(q["gap"] for q in gpu):
         out.append("\nThe GPU plan's points (8 layers, bf16, sequence 512; shown on the plot, not fitted):\n")
         out.append(scaling_table([q for q in gpu if q["gap"]]))
@@ -475,7 +503,7 @@ def render_parts(p: dict, results: study.Results, plot_path: str | Path | None =
         out.append("\n#### 32 experts and a shared expert (the paper's beta per configuration)\n")
         out.append(arms_table(p, "fine", results))
     if plot_path:
-        plot(points, batch, trend, plot_path, gpu)
+        plot(points, batch, trend, plot_path, gpu, unrouted)
         out.append(f"\n![gap vs compute]({Path(plot_path).name})\n")
     return "\n".join(out)
 

@@ -433,6 +433,7 @@ def test_a_grid_widens_past_the_edge_its_best_rate_sits_on():
     assert study.grid_rates(xs, p["study"], study.Results(records), dry=False) == {
         "topk": [*grid, 1.6e-2],
         "default": grid,
+        "unrouted": grid,  # not run yet: its grid as planned
     }
     (first, jobs), (second, _) = names_and_jobs(records)[:2]
     assert first.endswith(": grid") and second.endswith(": seeds")
@@ -458,17 +459,20 @@ def test_a_settled_arm_starts_its_seeds_while_another_arm_widens():
 
     p = study.plan("cpu")
     xs, records = p["study"][1], _fair_grid_best_at(p, 4e-3)
-    for lr, (topk, default) in {2e-3: (2.0, 2.0), 4e-3: (1.9, 1.88), 8e-3: (1.85, 1.95)}.items():
-        records.append(_record(xs["cell"], "topk", lr, 0, _fake(topk), part="scale"))
-        records.append(_record(xs["cell"], "default", lr, 0, _fake(default), part="scale"))
+    losses = {2e-3: (2.0, 2.0, 1.9), 4e-3: (1.9, 1.88, 1.87), 8e-3: (1.85, 1.95, 1.95)}
+    for lr, by_arm in losses.items():
+        for arm, loss in zip(("topk", "default", "unrouted"), by_arm, strict=True):
+            records.append(_record(xs["cell"], arm, lr, 0, _fake(loss), part="scale"))
     todo, waiting = study.left(p, records)
     scaling = [j for j in todo if j["part"] != "fair"]  # (the fair point's confirmation seeds come first)
-    assert [(j["size"], j["variant"], j["lr"], j["seed"]) for j in scaling[:3]] == [
+    assert [(j["size"], j["variant"], j["lr"], j["seed"]) for j in scaling[:5]] == [
         ("xs", "topk", 1.6e-2, 0),
         ("xs", "default", 4e-3, 1),
+        ("xs", "unrouted", 4e-3, 1),
         ("xs", "default", 4e-3, 2),
+        ("xs", "unrouted", 4e-3, 2),
     ]
-    assert scaling[3]["size"] == "m"  # m's grid is centred on the fair point's rates: known
+    assert scaling[5]["size"] == "m"  # m's grid is centred on the fair point's rates: known
     second = {j["variant"] for j in todo if j["size"] == "xs" and j["tokens"] == 3_276_800}
     assert second == {"default"}  # xs's second budget at xs's rates: top-K's is not known yet
     assert "fine m 32e-top1 409,600 tokens 1024/step: grid" in waiting  # centred on m's rates
@@ -499,6 +503,35 @@ def test_report_marks_a_best_rate_at_its_grids_edge():
     # while the grid's last widening has not run: the best so far, marked
     pending = [r for r in records if not (r["key"]["part"] == "scale" and r["key"]["lr"] == 3.2e-2)]
     assert "| 0.016↑* / 0.004 | +0.0400 (n=1, 0 better) |" in study_report.render_parts(p, study.Results(pending))
+
+
+def test_unrouted_defaults_are_compared_to_top_k_at_each_first_budget():
+    """The first budget of xs, m and l also runs `unrouted` (item 5's estimator fix), each arm over its own grid
+    (centred, as the paper's form's, on the smaller size's best; the fair point has no `unrouted`, so its `default`
+    best): the report tables its gap to top-K at each arm's best rate, beside the paper's form's trend, and only at
+    the points that run it."""
+    from benchmarks import study, study_report
+
+    p = study.plan("cpu")
+    runs_it = [point["cell"]["size"] for point in p["study"] if "unrouted" in study._arms(point)]
+    assert runs_it == ["xs", "m", "l"]
+    xs, records = p["study"][1], _fair_grid_best_at(p, 4e-3)
+    losses = {"topk": {2e-3: 2.0, 4e-3: 1.9, 8e-3: 1.95}, "unrouted": {2e-3: 1.86, 4e-3: 1.95, 8e-3: 2.1}}
+    for arm, by_lr in losses.items():
+        for lr, loss in by_lr.items():
+            records.append(_record(xs["cell"], arm, lr, 0, _fake(loss), part="scale"))
+    assert study.grid_rates(xs, p["study"], study.Results(records), dry=False)["unrouted"] == [4e-3, 2e-3, 8e-3, 1e-3]
+    records.append(_record(xs["cell"], "unrouted", 1e-3, 0, _fake(1.9), part="scale"))
+    for seed, (topk, unrouted) in {1: (1.92, 1.89), 2: (1.88, 1.87)}.items():
+        records.append(_record(xs["cell"], "topk", 4e-3, seed, _fake(topk), part="scale"))
+        records.append(_record(xs["cell"], "unrouted", 2e-3, seed, _fake(unrouted), part="scale"))
+    text = study_report.render_parts(p, study.Results(records))
+    table = text.split("`unrouted` defaults (item 5's estimator fix")[1].split("\n\n")[1]
+    assert "| LR top-K / unrouted | unrouted minus top-K |" in table
+    # per seed 1.86 - 1.90, 1.89 - 1.92, 1.87 - 1.88: mean -0.0267, sd 0.01528, t(2) 4.303 x sd / sqrt(3) = 0.0380
+    row = "| xs | 0.00M | 819,200 | 1,024 | 4.92e+09 | 0.004 / 0.002 | -0.0267 [-0.0646, +0.0113] (n=3, 3 better) |"
+    assert row in table
+    assert "| m |" in table and "| s |" not in table  # a point that does not run it has no row
 
 
 def test_32_expert_table_shows_each_arms_best_so_far():
