@@ -212,8 +212,9 @@ class Results:
 
     def __init__(self, records: list[dict]):
         self.runs: dict = {}
-        # runs per code version (None: written before runs recorded it); pairs across versions are not exact
-        self.code_versions = dict(Counter(record["result"].get("code") for record in records))
+        # runs per code version and kernel set (None: written before runs recorded it); pairs across versions are
+        # not exact
+        self.code_versions = dict(Counter(run_version(record["result"]) for record in records))
         for record in records:
             key = record["key"]
             by_lr = self.runs.setdefault(cell_key(key), {}).setdefault(key["variant"], {})
@@ -273,6 +274,12 @@ class Results:
 
     def is_stable(self, cell: dict, seed: int, result: dict) -> bool:
         return self.spike(cell, seed, result) <= SPIKE_LIMIT
+
+
+def run_version(result: dict) -> str | None:
+    """A run's code version, with its kernel set where recorded (runs before 2026-12-05 lack it)."""
+    code, kernels = result.get("code"), result.get("kernels")
+    return f"{code} ({kernels})" if code and kernels else code
 
 
 def _windows(result: dict) -> list[float]:
@@ -438,7 +445,17 @@ def train(p: dict, job: dict) -> dict:
     result = method.train_run(
         dict(s=s, shape=job["shape"], variant=job["variant"], seed=job["seed"], lr=job["lr"], steps=steps)
     )
-    return {**result, "code": code_version()}
+    return {**result, "code": code_version(), "kernels": kernels(s["device"])}
+
+
+def kernels(device: str) -> str:
+    """What torch computes with here beyond `code`: the CPU's kernel set (AVX2, AVX512, ...) or the GPU. Two
+    machines with the same code may differ in it, and then their runs' numbers differ (benchmarks/reproduce.py)."""
+    import torch
+
+    if device == "cuda":
+        return f"cuda {torch.cuda.get_device_name()}"
+    return f"cpu {torch.backends.cpu.get_cpu_capability()}"
 
 
 def _describe(job: dict, result: dict) -> str:

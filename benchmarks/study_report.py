@@ -30,7 +30,8 @@ def _gap_cell(d: dict | None) -> str:
     if not d:
         return NOT_RUN
     interval = f" [{d['ci95'][0]:+.4f}, {d['ci95'][1]:+.4f}]" if d["ci95"] else ""
-    return f"{d['mean']:+.4f}{interval} (n={len(d['per_seed'])}, {d['better']} better)"
+    mixed = f", {d['mixed']} across versions †" if d.get("mixed") else ""
+    return f"{d['mean']:+.4f}{interval} (n={len(d['per_seed'])}, {d['better']} better{mixed})"
 
 
 def _table(header: list[str], rows: list[list]) -> str:
@@ -46,13 +47,15 @@ def _seeds_at(results: study.Results, cell: dict, arm: str, lr: float | None) ->
 
 
 def compare(results: study.Results, cell: dict, arm: str, arm_lr, topk_lr) -> dict | None:
-    """Paired difference arm minus top-K (final validation loss, each at its own rate) over the seeds both have."""
+    """Paired difference arm minus top-K (final validation loss, each at its own rate) over the seeds both have;
+    `mixed`: how many of those pairs come from two code versions or kernel sets (not exact pairs)."""
     mine, theirs = _seeds_at(results, cell, arm, arm_lr), _seeds_at(results, cell, "topk", topk_lr)
     common = sorted(set(mine) & set(theirs))
     if not common:
         return None
     out = paired([mine[s]["final_val"] - theirs[s]["final_val"] for s in common])
-    return out | {"seeds": common}
+    mixed = sum(study.run_version(mine[s]) != study.run_version(theirs[s]) for s in common)
+    return out | {"seeds": common, "mixed": mixed}
 
 
 def _load(runs: dict[int, dict]) -> str:
@@ -454,8 +457,9 @@ def render_parts(p: dict, results: study.Results, plot_path: str | Path | None =
         versions = ", ".join(f"{code or 'unrecorded'}: {n}" for code, n in results.code_versions.items())
         out.append(
             f"\n**The results file mixes code versions** (runs per version: {versions}; `benchmarks.common."
-            "code_version`): a pair of runs from two versions differs by their numerics too. Rerun the older runs "
-            "(remove their lines) before reading a gap.\n"
+            "code_version`, with the kernel set, `study.kernels`, where recorded): a pair of runs from two versions "
+            "differs by their numerics too (`python -m benchmarks.reproduce` measures by how much). A gap marked † "
+            "has that many such pairs; rerun them to make them exact.\n"
         )
     fair = next((point for point in p["study"] if point["how"] == "fair"), None)
     if fair:

@@ -595,6 +595,48 @@ def test_report_flags_results_of_two_code_versions(tmp_path):
     path.write_text("".join(json.dumps(r) + "\n" for r in records))
     text = study_report.render(path, "cpu")
     assert f"(runs per version: unrecorded: 1, {code_version()}: 2;" in text
+    # the same code on another CPU's kernels is another version too, and a gap whose pair spans two is marked
+    records[0]["result"]["code"] = records[2]["result"]["code"] = code_version()
+    records[2]["result"]["kernels"] = "cpu AVX512"  # `gradient`; `default` (records[1]) keeps top-K's version
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    text = study_report.render(path, "cpu")
+    assert f"(runs per version: {code_version()}: 2, {code_version()} (cpu AVX512): 1;" in text
+    same, across = (
+        study_report.compare(study.Results(records), fair["cell"], arm, 2e-3, 2e-3) for arm in fair["variants"][1:]
+    )
+    assert (same["mixed"], across["mixed"]) == (0, 1)
+    assert study_report._gap_cell(across) == "+0.0000 (n=1, 0 better, 1 across versions †)"
+
+
+def test_reproduce_reruns_a_finished_run_to_the_same_numbers(tmp_path, one_thread, capsys):
+    """`python -m benchmarks.reproduce` reruns the runs of a results file that match `--where` with the study's own
+    training and prints recorded against here: on the machine that wrote them, identical; it records the kernel
+    set; a `--where` that matches nothing exits 2 naming the fields."""
+    from benchmarks.runs import load_results, run_jobs
+
+    from benchmarks import reproduce, study
+
+    p = study.plan("quick")
+    job = dict(part="scale", size="q1", shape="8e-top1", tokens=2 * 64, tokens_per_step=64, seed=0, lr=1e-3)
+    jobs = [job | {"variant": v} for v in ("topk", "default")]
+    path, out = tmp_path / "study.jsonl", tmp_path / "again.jsonl"
+    run_jobs(jobs, lambda j: study.train(p, j), path, log=lambda m: None)
+    assert reproduce.main([str(path), "--kind", "quick", "--where", "variant=default,lr=0.001", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    recorded = next(r["result"] for r in load_results(path) if r["key"]["variant"] == "default")
+    assert f"| scale q1 8e-top1 128/64 default lr 0.001 seed 0 | {recorded['final_val']:.4f} |" in printed
+    assert "| +0.0000 |" in printed and "1 runs; |difference| mean 0.0000, max 0.0000" in printed
+    assert "Paired gaps" not in printed  # no top-K rerun to pair with yet
+    assert reproduce.main([str(path), "--kind", "quick", "--where", "variant=topk", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    topk = next(r["result"] for r in load_results(path) if r["key"]["variant"] == "topk")
+    difference = recorded["final_val"] - topk["final_val"]
+    gap = f"{difference:+.4f} (n=1, {int(difference < 0)} better)"
+    assert f"| q1 128/64 | default 0.001 - top-K 0.001 | {gap} |" in printed
+    assert [r["key"]["variant"] for r in load_results(out)] == ["default", "topk"]
+    assert load_results(out)[0]["result"]["kernels"] == study.kernels("cpu")
+    assert reproduce.main([str(path), "--kind", "quick", "--where", "variant=nope", "--out", str(out)]) == 2
+    assert "no run of" in capsys.readouterr().err
 
 
 def test_quick_study_runs_resumes_and_renders(tmp_path, one_thread):
