@@ -244,6 +244,8 @@ def trend_sentence(trend: dict | None) -> str:
     )
     if trend["crossing"] is None:
         return text + ", flat: no crossing."
+    if sure == "includes":  # a crossing of a line whose slope may be zero is an artefact of the noise
+        return text + ": no trend this range can tell from none, so no crossing to read from it."
     x0 = math.log10(trend["crossing"])
     where = (
         "inside the measured range"

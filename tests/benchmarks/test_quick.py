@@ -398,6 +398,8 @@ def test_trend_slope_interval_against_numpy():
     assert trend["slope_ci95"] == pytest.approx([slope - half, slope + half])
     sentence = study_report.trend_sentence(trend)
     assert f"[{slope - half:+.4f}, {slope + half:+.4f}], which includes zero" in sentence  # 4 points: wide
+    assert sentence.endswith("no trend this range can tell from none, so no crossing to read from it.")
+    assert "crosses zero" not in sentence  # a line whose slope may be zero crosses anywhere
 
 
 def _fair_grid_best_at(p: dict, best: float) -> list[dict]:
