@@ -334,6 +334,23 @@ def _yerr(gap: dict) -> list[list[float]] | None:
     return [[gap["mean"] - gap["ci95"][0]], [gap["ci95"][1] - gap["mean"]]]
 
 
+def _hollow(axis, points: list[dict], marker: str, colour: str, label, nudge: float = 1.0) -> None:
+    """Points shown beside the fitted ones (hollow markers, not fitted): gap with its interval at compute x nudge."""
+    for q in points:
+        if q["gap"] and q["compute"]:
+            g = q["gap"]
+            axis.errorbar(
+                q["compute"] * nudge,
+                g["mean"],
+                yerr=_yerr(g),
+                fmt=marker,
+                mfc="none",
+                capsize=3,
+                color=colour,
+                label=label(q),
+            )
+
+
 def plot(
     points: list[dict],
     batch: list[dict],
@@ -374,32 +391,11 @@ def plot(
             xytext=(4, 4),
             textcoords="offset points",
         )
-    for q in gpu:
-        if q["gap"] and q["compute"]:
-            g = q["gap"]
-            left.errorbar(
-                q["compute"],
-                g["mean"],
-                yerr=_yerr(g),
-                fmt="D",
-                mfc="none",
-                capsize=3,
-                color="C3",
-                label=f"GPU {q['cell']['size']} ({q['params'] / 1e6:.0f}M, 8 layers, not in the fit)",
-            )
-    for q in unrouted:
-        if q["gap"] and q["compute"]:
-            g = q["gap"]
-            left.errorbar(
-                q["compute"] * 1.15,  # nudged right of the paper's form's point at the same compute
-                g["mean"],
-                yerr=_yerr(g),
-                fmt="^",
-                mfc="none",
-                capsize=3,
-                color="C1",
-                label="unrouted defaults (item 5's fix), not in the fit",
-            )
+    _hollow(
+        left, gpu, "D", "C3", lambda q: f"GPU {q['cell']['size']} ({q['params'] / 1e6:.0f}M, 8 layers, not in the fit)"
+    )
+    # nudged right of the paper's form's point at the same compute
+    _hollow(left, unrouted, "^", "C1", lambda q: "unrouted defaults (item 5's fix), not in the fit", nudge=1.15)
     if trend:
         xs = [trend["lo"] - 0.2, trend["hi"] + 0.5]
         left.plot(
