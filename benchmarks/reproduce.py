@@ -36,9 +36,8 @@ def compare(recorded: list[dict], rerun: list[dict]) -> list[dict]:
     for record in rerun:
         old = before.get(canonical(record["key"]))
         if old is not None:
-            new = record["result"]
-            rows.append(dict(key=record["key"], recorded=old["final_val"], here=new["final_val"]))
-            rows[-1]["difference"] = new["final_val"] - old["final_val"]
+            recorded, here = old["final_val"], record["result"]["final_val"]
+            rows.append(dict(key=record["key"], recorded=recorded, here=here, difference=here - recorded))
     return rows
 
 
@@ -70,16 +69,17 @@ def gaps(rerun: list[dict]) -> str:
             if arm != "topk":
                 d = study_report.compare(results, cell, arm, rate[arm], rate["topk"])
                 name = f"{cell['size']} {cell['tokens']:,}/{cell['tokens_per_step']}"
-                lines.append(f"| {name} | {arm} {rate[arm]:g} - top-K {rate['topk']:g} | {study_report._gap_cell(d)} |")
+                lines.append(f"| {name} | {arm} {rate[arm]:g} - top-K {rate['topk']:g} | {study_report.gap_cell(d)} |")
     head = ["\nPaired gaps among the reruns (each arm at one rate):\n", "| point | arms | gap |", "|---|---|---|"]
     return "\n".join(head + lines) if lines else ""
 
 
 def _pairs(text: str) -> dict[str, str]:
-    try:
-        return dict(item.split("=", 1) for item in text.split(",") if item)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"--where: expected field=value[,field=value...], got {text!r}") from None
+    """`field=value,...` as a dict; at least one pair (an empty filter would rerun the whole file)."""
+    pairs = [item.split("=", 1) for item in text.split(",") if item]
+    if not pairs or any(len(pair) != 2 or not pair[0] for pair in pairs):
+        raise argparse.ArgumentTypeError(f"expected field=value[,field=value...], got {text!r}")
+    return dict(pairs)
 
 
 def main(argv: list[str] | None = None) -> int:

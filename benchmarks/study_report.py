@@ -26,7 +26,7 @@ def _mean(values: list[float]) -> float:
     return statistics.fmean(values) if values else math.nan
 
 
-def _gap_cell(d: dict | None) -> str:
+def gap_cell(d: dict | None) -> str:
     if not d:
         return NOT_RUN
     interval = f" [{d['ci95'][0]:+.4f}, {d['ci95'][1]:+.4f}]" if d["ci95"] else ""
@@ -137,7 +137,7 @@ def same_rate_table(point: dict, results: study.Results) -> str:
     lrs = sorted(point["lrs"])
     rows = []
     for arm in point["variants"][1:]:
-        rows.append([arm, *[_gap_cell(compare(results, point["cell"], arm, lr, lr)) for lr in lrs]])
+        rows.append([arm, *[gap_cell(compare(results, point["cell"], arm, lr, lr)) for lr in lrs]])
     return _table(["arm minus top-K", *[f"LR {lr:g}" for lr in lrs]], rows)
 
 
@@ -158,7 +158,7 @@ def fair_comparison(p: dict, point: dict, results: study.Results) -> str:
                     f"{rate(arm_lr)} vs {rate(topk_lr)}",
                     f"{_mean([r['final_val'] for r in mine.values()]):.4f}" if mine else NOT_RUN,
                     f"{_mean([r['final_val'] for r in theirs.values()]):.4f}" if theirs else NOT_RUN,
-                    _gap_cell(d),
+                    gap_cell(d),
                     ", ".join(f"{x:+.3f}" for x in d["per_seed"]) if d else "-",
                     f"{_load(mine)} vs {_load(theirs)}",
                 ]
@@ -273,7 +273,7 @@ def scaling_table(points: list[dict], arm: str = "Default") -> str:
                 f"{cell['tokens_per_step']:,}",
                 f"{q['compute']:.2e}" if q["compute"] else "?",
                 " / ".join(q["rates"]),
-                _gap_cell(q["gap"]),
+                gap_cell(q["gap"]),
             ]
         )
     header = ["size", "params", "tokens", "tokens/step", "compute (6·active·tokens)", f"LR top-K / {arm}"]
@@ -320,7 +320,7 @@ def arms_table(p: dict, part: str, results: study.Results) -> str:
                     arm,
                     mark,
                     f"{_mean([r['final_val'] for r in runs.values()]):.4f} ({len(runs)})" if runs else NOT_RUN,
-                    "-" if arm == "topk" else _gap_cell(d),
+                    "-" if arm == "topk" else gap_cell(d),
                     _load(runs),
                 ]
             )

@@ -607,7 +607,7 @@ def test_report_flags_results_of_two_code_versions(tmp_path):
         study_report.compare(study.Results(records), fair["cell"], arm, 2e-3, 2e-3) for arm in fair["variants"][1:]
     )
     assert (same["mixed"], across["mixed"]) == (0, 1)
-    assert study_report._gap_cell(across) == "+0.0000 (n=1, 0 better, 1 across versions †)"
+    assert study_report.gap_cell(across) == "+0.0000 (n=1, 0 better, 1 across versions †)"
 
 
 def test_reproduce_reruns_a_finished_run_to_the_same_numbers(tmp_path, one_thread, capsys):
@@ -639,6 +639,11 @@ def test_reproduce_reruns_a_finished_run_to_the_same_numbers(tmp_path, one_threa
     assert load_results(out)[0]["result"]["kernels"] == study.kernels("cpu")
     assert reproduce.main([str(path), "--kind", "quick", "--where", "variant=nope", "--out", str(out)]) == 2
     assert "no run of" in capsys.readouterr().err
+    for where in ("", "variant"):  # an empty or malformed filter is refused before anything runs
+        with pytest.raises(SystemExit):
+            reproduce.main([str(path), "--kind", "quick", "--where", where, "--out", str(out)])
+        assert "--where: expected field=value" in capsys.readouterr().err
+    assert len(load_results(out)) == 2
 
 
 def test_quick_study_runs_resumes_and_renders(tmp_path, one_thread):
